@@ -1,0 +1,1 @@
+"""Execution backends shipped with qcore, each a plugin of its own."""

@@ -1,0 +1,44 @@
+"""CPU reference backend: the numerical oracle every other backend is tested against.
+
+QuantLinear layers run through their reference path (exact dequantization, then a float
+matmul). Real integer kernels for the CPU register themselves in :data:`CPU_KERNELS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from qcore.interfaces import Backend, MemoryStats
+from qcore.quant.linear import Kernel, QuantLinear
+from qcore_backends.cpu import memory
+
+#: (predicate on a layer, kernel, description) tried in order; the first match is used.
+CPU_KERNELS: list[tuple[Callable[[QuantLinear], bool], Kernel, str]] = []
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    description = "CPU reference numerics (exact dequantize + float matmul)"
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def real_kernels(self) -> dict[str, str]:
+        return {desc.split(":")[0]: desc for _, _, desc in CPU_KERNELS}
+
+    def kernel_for(self, module: QuantLinear) -> Kernel | None:
+        for applies, kernel, _ in CPU_KERNELS:
+            if applies(module):
+                return kernel
+        return None
+
+    def memory_stats(self) -> MemoryStats:
+        return MemoryStats(rss_mb=memory.rss_mb(), peak_rss_mb=memory.peak_rss_mb())
+
+    def reset_peak_memory(self) -> None:
+        memory.reset_peak_rss()

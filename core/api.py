@@ -1,0 +1,216 @@
+"""The Python API: quantize, evaluate, save and load, all resolved through the plugins.
+
+Everything a run needs is validated before the model is loaded: the method and its
+options, the scheme, the backend, the calibration data and the save format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from qcore.config import RunConfig
+from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
+from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer
+from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
+from qcore.models.loading import load_float_model, resolve_model_source
+from qcore.pipeline import check_group_size, run_layerwise
+from qcore.plugins import PluginManager, get_plugin_manager
+from qcore.reports import EvaluationResult, QuantizationReport
+from qcore.schemes import QuantScheme
+from qcore.versions import package_versions
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """Invalid user input, detected before any work starts."""
+
+
+def _validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict
+                      ) -> BaseModel:
+    try:
+        return config_cls.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: {e['msg']}"
+            + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict)
+               else "")
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid options for {kind} {name!r}: {problems}") from exc
+
+
+def build_quantizer(method: str, scheme: QuantScheme, options: dict[str, Any] | None = None,
+                    plugins: PluginManager | None = None) -> Quantizer:
+    plugins = plugins or get_plugin_manager()
+    cls: type[Quantizer] = plugins.get("quantizer", method)
+    config = _validate_options("quantizer", method, cls.Config, options or {})
+    try:
+        return cls(config, scheme)
+    except ValueError as exc:
+        raise ConfigError(f"{method}: {exc}") from exc
+
+
+def build_backend(name: str, plugins: PluginManager | None = None) -> Backend:
+    plugins = plugins or get_plugin_manager()
+    cls: type[Backend] = plugins.get("backend", name)
+    if not cls.is_available():
+        raise ConfigError(f"backend {name!r} is not available on this machine")
+    return cls()
+
+
+def build_evaluator(name: str, options: dict[str, Any], plugins: PluginManager | None = None
+                    ) -> Evaluator:
+    plugins = plugins or get_plugin_manager()
+    cls: type[Evaluator] = plugins.get("evaluator", name)
+    return cls(_validate_options("evaluator", name, cls.Config, options))
+
+
+def datasets(plugins: PluginManager | None = None) -> DatasetRegistry:
+    plugins = plugins or get_plugin_manager()
+    return DatasetRegistry(plugins.registry("dataset"))
+
+
+def adapter_for(model: nn.Module, plugins: PluginManager | None = None) -> ArchitectureAdapter:
+    plugins = plugins or get_plugin_manager()
+    return resolve_adapter(model, plugins.registry("architecture"))
+
+
+def calibration_ids(tokenizer: Any, config: RunConfig, plugins: PluginManager | None = None
+                    ) -> torch.Tensor:
+    cal = config.calibration
+    text = datasets(plugins).text(cal.data)
+    spec = WindowSpec(samples=cal.samples, seq_len=cal.seq_len, sampling=cal.sampling,
+                      seed=cal.seed)
+    return token_windows(tokenize(tokenizer, text), spec)
+
+
+# ----------------------------------------------------------------------------- load/save
+def find_format(path: Path, plugins: PluginManager | None = None) -> type[Format] | None:
+    plugins = plugins or get_plugin_manager()
+    for cls in plugins.registry("format").values():
+        if cls.can_load(path):
+            return cls
+    return None
+
+
+def load_model(source: str, plugins: PluginManager | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict | None]:
+    """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one."""
+    plugins = plugins or get_plugin_manager()
+    path = Path(resolve_model_source(source))
+    fmt = find_format(path, plugins) if path.is_dir() else None
+    if fmt is not None:
+        return fmt().load(path, plugins.registry("module"))
+    model, tokenizer = load_float_model(str(path) if path.exists() else source, dtype)
+    model.eval()
+    return model, tokenizer, None
+
+
+def save_model(model: nn.Module, tokenizer: Any, path: str | Path, metadata: dict[str, Any],
+               format: str = "qcore", plugins: PluginManager | None = None) -> Path:
+    plugins = plugins or get_plugin_manager()
+    fmt: type[Format] = plugins.get("format", format)
+    meta = {**metadata, "versions": package_versions()}
+    return fmt().save(model, tokenizer, Path(path), meta).path
+
+
+# ----------------------------------------------------------------------------- quantize
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    tokenizer: Any
+    report: QuantizationReport
+    saved: Path | None
+    config: RunConfig
+
+
+def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
+             listeners: Iterable[Any] = (), progress: bool = True,
+             model: nn.Module | None = None, tokenizer: Any = None) -> QuantizeResult:
+    """Quantize ``config.model`` (or a given model) layer by layer and optionally save it.
+
+    ``listeners`` are objects with ``@hookimpl`` event methods (custom evaluator hooks)."""
+    plugins = plugins or get_plugin_manager()
+    try:
+        scheme = config.resolved_scheme()
+    except ValueError as exc:
+        raise ConfigError(f"scheme: {exc}") from exc
+    quantizer = build_quantizer(config.method, scheme, config.method_config, plugins)
+    backend = build_backend(config.backend, plugins)
+    registry = datasets(plugins)
+    try:
+        dataset = registry.resolve(config.calibration.data)
+    except ValueError as exc:
+        raise ConfigError(f"calibration.data: {exc}") from exc
+    source = config.calibration.data.source
+    if dataset.name in ("text", "jsonl") and not Path(source).is_file():
+        raise ConfigError(f"calibration.data.source: {source!r} is not a file")
+    if config.save is not None:
+        plugins.get("format", config.format)
+
+    if model is None:
+        model, tokenizer, meta = load_model(config.model, plugins)
+        if meta is not None:
+            raise ConfigError(f"{config.model} is already a quantized qcore model")
+    adapter = adapter_for(model, plugins)
+    try:
+        check_group_size(model, adapter, scheme)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    calib = calibration_ids(tokenizer, config, plugins)
+
+    names = []
+    for i, obj in enumerate(listeners):
+        name = f"listener-{i}-{id(obj)}"
+        plugins.add_plugin(obj, name=name)
+        names.append(name)
+    try:
+        report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=plugins,
+                               propagation=config.propagation,
+                               batch_size=config.calibration.batch_size, progress=progress)
+    finally:
+        for name in names:
+            plugins.remove_plugin(name)
+    backend.install_kernels(model)
+    saved = None
+    if config.save is not None:
+        saved = save_model(model, tokenizer, config.save,
+                           {"run": config.model_dump(mode="json"),
+                            "scheme": scheme.model_dump(mode="json"),
+                            "report": report.model_dump(mode="json")},
+                           format=config.format, plugins=plugins)
+    return QuantizeResult(model=model, tokenizer=tokenizer, report=report, saved=saved,
+                          config=config)
+
+
+def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str, Any], *,
+             backend: str = "cpu", plugins: PluginManager | None = None,
+             listeners: Iterable[Any] = ()) -> EvaluationResult:
+    plugins = plugins or get_plugin_manager()
+    ev = build_evaluator(evaluator, options, plugins)
+    be = build_backend(backend, plugins)
+    be.install_kernels(model)
+    result = ev.evaluate(model, tokenizer, be, datasets(plugins))
+    plugins.hook.qcore_evaluation_finished(result=result)
+    for obj in listeners:
+        hook = getattr(obj, "qcore_evaluation_finished", None)
+        if hook is not None:
+            hook(result=result)
+    return result
+
+
+def perplexity(model: nn.Module, tokenizer: Any, data: DataSpec | str, seq_len: int = 512,
+               windows: int | None = None, **options: Any) -> float:
+    """Convenience: perplexity of a model on a text source."""
+    spec = data if isinstance(data, DataSpec) else DataSpec(source=data)
+    result = evaluate(model, tokenizer, "perplexity",
+                      {"data": spec, "seq_len": seq_len, "windows": windows, **options})
+    return result.metrics["perplexity"]

@@ -1,0 +1,211 @@
+"""The contracts plugins implement: Quantizer, Backend, Evaluator, Dataset, Format.
+
+(Architecture adapters live in :mod:`qcore.models.adapter`.) Each kind has a class-level
+``name`` under which it is registered and, where it takes options, a pydantic ``Config``
+with ``extra="forbid"`` so that a misspelt option fails before any work is done.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from qcore.reports import EvaluationResult
+from qcore.schemes import QuantScheme
+from torch import nn
+
+if TYPE_CHECKING:
+    from qcore.models.adapter import ArchitectureAdapter
+    from qcore.pipeline import LayerContext
+    from qcore.quant.linear import Kernel, QuantLinear
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UnsupportedScheme(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- quantizer
+class Quantizer(ABC):
+    """A PTQ method. The pipeline calls :meth:`quantize_layer` once per decoder layer.
+
+    ``quantize_layer`` must leave every quantized linear of the layer replaced by a
+    :class:`qcore.quant.linear.QuantLinear` (or fold transforms into the float weights for
+    a method that only transforms) and return per-layer statistics for the report."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoOptions
+    description: ClassVar[str] = ""
+    #: "quantized": each layer's inputs come from the already-quantized previous layers;
+    #: "full": from the full-precision model (methods that train against fp targets).
+    propagation: ClassVar[Literal["quantized", "full"]] = "quantized"
+
+    def __init__(self, config: BaseModel, scheme: QuantScheme) -> None:
+        self.config = config
+        self.scheme = scheme
+        self.check_scheme(scheme)
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        """Raise :class:`UnsupportedScheme` for a scheme this method cannot produce."""
+
+    def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+        """Called once before the layer loop (e.g. to patch attention for KV quantization)."""
+
+    @abstractmethod
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
+        """Quantize ``ctx.layer`` in place and return statistics for the layer report."""
+
+    def finalize(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
+        """Called once after the layer loop."""
+
+
+# ----------------------------------------------------------------------------- backend
+class MemoryStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rss_mb: float
+    peak_rss_mb: float
+    device_allocated_mb: float | None = None
+    device_peak_mb: float | None = None
+
+
+class Backend(ABC):
+    """Where a model runs and what the hardware can execute for real.
+
+    The pipeline places each decoder layer on :attr:`device` while it is processed and
+    moves it back to :attr:`offload_device`. Linear algebra that some hardware lacks
+    (Cholesky on Ascend NPU) goes through :meth:`cholesky` and friends, so a backend can
+    route it elsewhere."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    def offload_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    # which schemes run on a real integer kernel, as "scheme key" -> "kernel description"
+    def real_kernels(self) -> dict[str, str]:
+        return {}
+
+    def kernel_for(self, module: QuantLinear) -> Kernel | None:
+        """A real kernel for this layer, or None to use the reference path."""
+        return None
+
+    def install_kernels(self, model: nn.Module) -> dict[str, int]:
+        """Attach real kernels to every QuantLinear this backend can run; count by kernel."""
+        from qcore.quant.linear import QuantLinear
+
+        counts: dict[str, int] = {}
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                kernel = self.kernel_for(module)
+                module.kernel = kernel
+                key = getattr(kernel, "__name__", "reference") if kernel else "reference"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # linear algebra; default: on this backend's device
+    def cholesky(self, a: torch.Tensor, upper: bool = False) -> torch.Tensor:
+        return torch.linalg.cholesky(a, upper=upper)
+
+    def cholesky_inverse(self, factor: torch.Tensor, upper: bool = False) -> torch.Tensor:
+        return torch.cholesky_inverse(factor, upper=upper)
+
+    @abstractmethod
+    def memory_stats(self) -> MemoryStats: ...
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- evaluator
+class Evaluator(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoOptions
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: BaseModel) -> None:
+        self.config = config
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+    ) -> EvaluationResult: ...
+
+
+# ----------------------------------------------------------------------------- dataset
+class DataSpec(BaseModel):
+    """Where text comes from. ``part`` splits a text in two at an article/paragraph
+    boundary near its middle, so that calibration and evaluation can be disjoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    dataset: str | None = None  # plugin name; None = detect from source
+    part: Literal["all", "head", "tail"] = "all"
+    field: str | None = None  # for JSONL / HF datasets
+
+
+class Dataset(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        """Whether this dataset can read ``source`` when no dataset is named."""
+        return False
+
+    @abstractmethod
+    def load_text(self, spec: DataSpec) -> str:
+        """The whole text of the source (documents joined by blank lines)."""
+
+
+class TextSource(ABC):
+    """What an evaluator reads: text resolved from a DataSpec by the datasets registry."""
+
+    @abstractmethod
+    def text(self, spec: DataSpec) -> str: ...
+
+
+# ----------------------------------------------------------------------------- format
+class SavedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    path: Path
+    metadata: dict[str, Any]
+
+
+class Format(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        return False
+
+    @abstractmethod
+    def save(
+        self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
+    ) -> SavedModel: ...
+
+    @abstractmethod
+    def load(self, path: Path, modules: dict[str, type[nn.Module]]) -> tuple[nn.Module, Any, dict]:
+        """Return (model, tokenizer, metadata)."""

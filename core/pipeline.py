@@ -1,0 +1,268 @@
+"""The layer-wise calibration loop every quantizer runs in.
+
+1. Run the model on the calibration windows until the first decoder layer and keep its
+   inputs (hidden states plus the keyword arguments the model passes: position
+   embeddings, masks).
+2. For each decoder layer: move it to the backend's device, compute its full-precision
+   outputs, let the quantizer transform and quantize it (collecting statistics through
+   forward hooks via :class:`LayerContext`), compute the quantized outputs and the
+   relative reconstruction error, pick the next layer's inputs (quantized outputs by
+   default, full-precision ones on request), move the layer back, fire the event hook.
+
+Only one decoder layer and the activation cache live on the device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from qcore.interfaces import Backend, Quantizer
+from qcore.models.adapter import ArchitectureAdapter
+from qcore.quant.linear import replace_module
+from qcore.reports import LayerReport, QuantizationReport
+from qcore.schemes import QuantScheme
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+HookFn = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def _non_layer_modules_on(model: nn.Module, adapter: ArchitectureAdapter, device: torch.device
+                          ) -> Iterator[None]:
+    """Move everything except the decoder layers to ``device`` for the duration."""
+    layers = adapter.decoder_layers()
+    moved: list[nn.Module] = []
+    for module in model.modules():
+        if module is layers or any(module is layer for layer in layers):
+            continue
+        if any(p.device != device for p in module.parameters(recurse=False)) or any(
+            b.device != device for b in module.buffers(recurse=False)
+        ):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(device)
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.to(device))
+            moved.append(module)
+    try:
+        yield
+    finally:
+        if moved and device.type != "cpu":
+            for module in moved:
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to("cpu")
+                for name, b in module.named_buffers(recurse=False):
+                    setattr(module, name, b.to("cpu"))
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    input_ids: torch.Tensor,
+    backend: Backend,
+    batch_size: int,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Hidden states and keyword arguments reaching decoder layer 0, one entry per batch."""
+    layer0 = adapter.decoder_layers()[0]
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h.detach())
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                             "past_key_value", "use_cache")}
+        kwargs_list.append(kw)
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _non_layer_modules_on(model, adapter, backend.device):
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start: start + batch_size].to(backend.device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+@dataclass
+class LayerContext:
+    """What a quantizer sees of one decoder layer (on the backend's device)."""
+
+    index: int
+    name: str
+    layer: nn.Module
+    inputs: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    fp_outputs: list[torch.Tensor]
+    adapter: ArchitectureAdapter
+    scheme: QuantScheme
+    backend: Backend
+    plugins: Any = None
+    log: logging.Logger = field(default_factory=lambda: log)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        hooks: dict[str, HookFn] | None = None,
+        keep_outputs: bool = True,
+        inputs: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Run every cached batch through the layer; ``hooks[name](name, module, x, y)``
+        sees the input and output of submodule ``name`` for each batch."""
+        handles = []
+        for name, fn in (hooks or {}).items():
+            module = self.layer.get_submodule(name)
+
+            def hook(mod: nn.Module, args: tuple, out: Any, _n: str = name, _fn: HookFn = fn):
+                _fn(_n, mod, args[0], _hidden(out))
+
+            handles.append(module.register_forward_hook(hook))
+        outputs = []
+        try:
+            for x, kw in zip(inputs if inputs is not None else self.inputs, self.kwargs,
+                             strict=True):
+                y = _hidden(self.layer(x, **kw))
+                if keep_outputs:
+                    outputs.append(y)
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def submodule(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def replace(self, name: str, module: nn.Module) -> nn.Module:
+        return replace_module(self.layer, name, module)
+
+    def input_absmax(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """max |x| per input channel of each named submodule over all calibration tokens."""
+        stats: dict[str, torch.Tensor] = {}
+
+        def observe(name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
+            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
+
+        self.forward({n: observe for n in names}, keep_outputs=False)
+        return stats
+
+
+def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in zip(ref, out, strict=True))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num / max(den, 1e-30)
+
+
+def check_group_size(model: nn.Module, adapter: ArchitectureAdapter, scheme: QuantScheme) -> None:
+    """Fail before any work if the weight group size does not divide a layer's inputs."""
+    g = scheme.weights.group_size
+    if scheme.weights.granularity != "group" or g is None:
+        return
+    bad: dict[str, list[str]] = {}
+    for i, layer in enumerate(adapter.decoder_layers()):
+        for name in adapter.linear_names():
+            in_features = layer.get_submodule(name).in_features
+            if in_features % g:
+                bad.setdefault(f"{name} ({in_features})", []).append(str(i))
+    if bad:
+        where = "; ".join(f"{adapter.layer_prefix(int(ids[0])).rsplit('.', 1)[0]}."
+                          f"{{{ids[0]}..{ids[-1]}}}.{name}" for name, ids in bad.items())
+        raise ValueError(
+            f"group_size {g} does not divide the input features of: {where}. "
+            f"Pick a group size that divides them (e.g. 64 or 32)."
+        )
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    quantizer: Quantizer,
+    adapter: ArchitectureAdapter,
+    backend: Backend,
+    calib_ids: torch.Tensor,
+    *,
+    plugins: Any = None,
+    propagation: Literal["quantized", "full"] | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place, one decoder layer at a time."""
+    propagation = propagation or quantizer.propagation
+    started = time.perf_counter()
+    backend.reset_peak_memory()
+    model.eval()
+    quantizer.prepare(model, adapter)
+    inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size)
+    kwargs = [_move(kw, backend.device) for kw in kwargs]
+    layers = adapter.decoder_layers()
+    report = QuantizationReport(method=quantizer.name, scheme=quantizer.scheme.model_dump())
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{quantizer.name} layers", total=len(layers), info="")
+        for index, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            name = adapter.layer_prefix(index)
+            bar.update(task, info=f"{name}")
+            layer.to(backend.device)
+            ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs, kwargs=kwargs,
+                               fp_outputs=[], adapter=adapter, scheme=quantizer.scheme,
+                               backend=backend, plugins=plugins)
+            ctx.fp_outputs = ctx.forward()
+            stats = quantizer.quantize_layer(ctx) or {}
+            q_outputs = ctx.forward()
+            error = relative_mse(ctx.fp_outputs, q_outputs)
+            inputs = q_outputs if propagation == "quantized" else ctx.fp_outputs
+            layer.to(backend.offload_device)
+            backend.synchronize()
+            layer_report = LayerReport(index=index, name=name, method=quantizer.name,
+                                       relative_mse=error, seconds=time.perf_counter() - t0,
+                                       stats=stats)
+            report.layers.append(layer_report)
+            if plugins is not None:
+                plugins.hook.qcore_layer_quantized(report=layer_report)
+            bar.update(task, advance=1, info=f"{name} rel-mse {error:.2e}")
+            log.info("%s: relative MSE %.3e (%.1fs)", name, error, layer_report.seconds)
+    quantizer.finalize(model, adapter)
+    mem = backend.memory_stats()
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mb = mem.peak_rss_mb
+    report.peak_device_mb = mem.device_peak_mb
+    if plugins is not None:
+        plugins.hook.qcore_model_quantized(report=report, model=model)
+    return report

@@ -1,0 +1,1 @@
+"""Quantization primitives shared by every method: qparams, RTN, packing, QuantLinear."""

@@ -1,0 +1,191 @@
+"""QuantLinear: the quantized representation of a linear layer that every method produces.
+
+It holds integer codes (packed two per byte at 4 bits or less), per-(row, group) scales and
+zero points, the column -> group index ``g_idx`` (so act-order permutations dequantize in
+place), an optional bias, optional activation quantization (per-token dynamic or static
+per-tensor) and an optional online input transform (e.g. FlatQuant's Kronecker transform).
+
+``forward`` runs ``self.kernel`` when a backend installed a real integer kernel, else the
+reference path: exact dequantization followed by a float matmul. The reference path is
+the numerical oracle every backend is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from qcore.quant.packing import pack_codes, packed_width, unpack_codes
+from qcore.quant.qparams import (
+    dequantize_weight,
+    fake_quantize_activation,
+    group_index,
+    quantize_weight,
+    weight_qparams,
+)
+from qcore.schemes import QuantArgs
+from torch import nn
+
+Kernel = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
+
+
+class TransformSpec(BaseModel):
+    """How to rebuild an online input transform when loading a saved model."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    config: dict[str, Any] = {}
+
+
+class QuantLinearSpec(BaseModel):
+    """Everything needed to rebuild an empty QuantLinear before loading its tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+    in_features: int
+    out_features: int
+    bias: bool
+    n_groups: int
+    weights: QuantArgs
+    activations: QuantArgs | None = None
+    input_transform: TransformSpec | None = None
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        spec: QuantLinearSpec,
+        input_transform: nn.Module | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        bits = spec.weights.bits
+        self.register_buffer(
+            "qweight",
+            torch.zeros(spec.out_features, packed_width(spec.in_features, bits), dtype=torch.uint8),
+        )
+        self.register_buffer("scales", torch.ones(spec.out_features, spec.n_groups))
+        self.register_buffer(
+            "zeros", torch.zeros(spec.out_features, spec.n_groups, dtype=torch.uint8)
+        )
+        self.register_buffer("g_idx", torch.zeros(spec.in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype), requires_grad=False) \
+            if spec.bias else None
+        act = spec.activations
+        if act is not None and not act.dynamic:
+            self.register_buffer("input_scale", torch.ones(()))
+            self.register_buffer("input_zero", torch.zeros(()))
+        else:
+            self.input_scale = None
+            self.input_zero = None
+        self.input_transform = input_transform
+        self.kernel: Kernel | None = None
+        self._dequant_cache: torch.Tensor | None = None
+        self._compute_dtype = dtype
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weights: QuantArgs,
+        *,
+        scale: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        g_idx: torch.Tensor | None = None,
+        activations: QuantArgs | None = None,
+        input_transform: nn.Module | None = None,
+        transform_spec: TransformSpec | None = None,
+    ) -> QuantLinear:
+        """Quantize ``linear.weight`` with given (or min/max round-to-nearest) qparams.
+
+        ``scale``/``zero`` are (out, n_groups); ``g_idx`` maps each input column to its
+        group. The weight must already hold the values the method decided on (e.g. GPTQ's
+        updated columns); codes are the nearest ones under the given parameters."""
+        w = linear.weight.detach()
+        if scale is None or zero is None:
+            scale, zero = weight_qparams(w, weights)
+        if g_idx is None:
+            g_idx = group_index(w.shape[1], weights)
+        spec = QuantLinearSpec(
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+            bias=linear.bias is not None,
+            n_groups=scale.shape[1],
+            weights=weights,
+            activations=activations,
+            input_transform=transform_spec,
+        )
+        module = cls(spec, input_transform=input_transform, dtype=w.dtype)
+        codes = quantize_weight(w, scale, zero, g_idx, weights.bits)
+        module.qweight = pack_codes(codes, weights.bits).to(w.device)
+        module.scales = scale.float().to(w.device)
+        module.zeros = zero.to(torch.uint8).to(w.device)
+        module.g_idx = g_idx.to(torch.int32).to(w.device)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    # ----------------------------------------------------------------- numerics
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.spec.weights.bits, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The exact float32 weight this layer represents."""
+        return dequantize_weight(self.codes(), self.scales, self.zeros.float(), self.g_idx)
+
+    def _reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        cache = self._dequant_cache
+        if cache is None or cache.device != self.qweight.device or cache.dtype != dtype:
+            cache = self.dequantize().to(dtype)
+            self._dequant_cache = cache
+        return cache
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Online transform then activation fake quantization (the reference path)."""
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        act = self.spec.activations
+        if act is not None:
+            x = fake_quantize_activation(x, act, self.input_scale, self.input_zero)
+        return x
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        return F.linear(x, self._reference_weight(x.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(self, x)
+        return self.reference_forward(x)
+
+    # ----------------------------------------------------------------- housekeeping
+    def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the cache
+        self._dequant_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequant_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        act = self.spec.activations.describe() if self.spec.activations else "none"
+        kernel = getattr(self.kernel, "__name__", "reference") if self.kernel else "reference"
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"weights={self.spec.weights.describe()}, activations={act}, kernel={kernel}"
+        )
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at dotted ``name`` and return the old one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

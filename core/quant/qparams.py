@@ -1,0 +1,141 @@
+"""Quantization parameters and round-to-nearest quantize/dequantize, shared by every method.
+
+All functions work on the last dimension as the reduction axis: callers reshape weights to
+``(rows, groups, group_size)`` or activations to ``(tokens, features)`` first. See
+:mod:`qcore.schemes` for the code conventions.
+"""
+
+from __future__ import annotations
+
+import torch
+from qcore.schemes import QuantArgs
+
+
+def qparams_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float-valued, integral) zero point from a range; shapes are kept."""
+    qmax = 2**bits - 1
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if symmetric:
+        half = 2 ** (bits - 1)
+        absmax = torch.maximum(xmin.abs(), xmax)
+        scale = absmax.clamp(min=1e-5) / (half - 1)
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = (xmax - xmin).clamp(min=1e-5) / qmax
+        zero = torch.clamp(-torch.round(xmin / scale), 0, qmax)
+    return scale, zero
+
+
+def qparams_lastdim(
+    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max qparams over the last dimension (kept as size 1)."""
+    xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
+    xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
+    return qparams_from_range(xmin, xmax, bits, symmetric)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as a float tensor) in [0, 2**bits - 1]."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    return dequantize(quantize(x, scale, zero, bits), scale, zero)
+
+
+def group_view(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Reshape a (out, in) weight so that the last dim is one quantization group."""
+    out_features, in_features = weight.shape
+    if args.granularity == "tensor":
+        return weight.reshape(1, 1, -1)
+    if args.granularity == "channel":
+        return weight.reshape(out_features, 1, in_features)
+    if args.granularity == "group":
+        g = args.group_size
+        assert g is not None
+        if in_features % g:
+            raise ValueError(
+                f"group_size {g} does not divide the input features ({in_features})"
+            )
+        return weight.reshape(out_features, in_features // g, g)
+    raise ValueError(f"weights cannot use granularity {args.granularity!r}")
+
+
+def weight_qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) scale and zero for a 2-D weight, each shaped (out, n_groups).
+
+    Per-tensor parameters are broadcast to every row so that all granularities share one
+    layout."""
+    view = group_view(weight.float(), args)
+    scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio)
+    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    if args.granularity == "tensor":
+        scale = scale.expand(weight.shape[0], 1).contiguous()
+        zero = zero.expand(weight.shape[0], 1).contiguous()
+    return scale, zero
+
+
+def group_index(in_features: int, args: QuantArgs) -> torch.Tensor:
+    """Column -> group index, in natural column order."""
+    if args.granularity == "group":
+        assert args.group_size is not None
+        return torch.arange(in_features, dtype=torch.int32) // args.group_size
+    return torch.zeros(in_features, dtype=torch.int32)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Codes of a (out, in) weight given per-group parameters and the column -> group map."""
+    idx = g_idx.long()
+    return quantize(weight.float(), scale[:, idx], zero[:, idx], bits)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    idx = g_idx.long()
+    return dequantize(codes.float(), scale[:, idx], zero[:, idx])
+
+
+def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Round-to-nearest weight fake quantization (min/max range), same dtype as input."""
+    scale, zero = weight_qparams(weight, args)
+    g_idx = group_index(weight.shape[1], args)
+    codes = quantize_weight(weight, scale, zero, g_idx, args.bits)
+    return dequantize_weight(codes, scale, zero, g_idx).to(weight.dtype)
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None,
+    static_zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token dynamic (over the last dim) or per-tensor static activation fake quant."""
+    xf = x.float()
+    if args.granularity == "token":
+        scale, zero = qparams_lastdim(xf, args.bits, args.symmetric, args.clip_ratio)
+    else:
+        if static_scale is None or static_zero is None:
+            if not args.dynamic:
+                raise ValueError("static per-tensor activation quantization needs a scale")
+            scale, zero = qparams_from_range(
+                xf.amin() * args.clip_ratio, xf.amax() * args.clip_ratio, args.bits,
+                args.symmetric,
+            )
+        else:
+            scale, zero = static_scale, static_zero
+    return fake_quantize(xf, scale, zero, args.bits).to(x.dtype)

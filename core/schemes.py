@@ -1,0 +1,138 @@
+"""Quantization arguments and schemes, with the presets named as in the literature.
+
+Conventions used everywhere in qcore:
+
+* Integer codes are stored unsigned in ``[0, 2**bits - 1]`` and dequantize as
+  ``(q - zero) * scale``.
+* Asymmetric: ``scale = clamp(max - min, 1e-5) / (2**bits - 1)`` and
+  ``zero = clamp(-round(min / scale), 0, 2**bits - 1)`` (llm-awq's quantizer).
+* Symmetric: ``scale = absmax / (2**(bits-1) - 1)`` and ``zero = 2**(bits-1)``, so the
+  codes are the signed range ``[-2**(bits-1), 2**(bits-1) - 1]`` shifted by the zero point
+  (SmoothQuant's absmax/127 for 8 bits, FlatQuant's ``maxq = 2**(bits-1) - 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+
+
+class QuantArgs(BaseModel):
+    """How one kind of tensor (weights, activations or KV cache) is quantized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(ge=2, le=8, description="integer bit width")
+    symmetric: bool = True
+    granularity: Granularity = "channel"
+    group_size: int | None = Field(default=None, gt=0)
+    dynamic: bool = False
+    clip_ratio: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="fixed shrink of the min/max range"
+    )
+
+    @model_validator(mode="after")
+    def _check_group(self) -> QuantArgs:
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs group_size (e.g. 64 or 128)")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only valid with granularity 'group', "
+                f"not {self.granularity!r}"
+            )
+        return self
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        dyn = " dynamic" if self.dynamic else ""
+        return f"int{self.bits} {kind} {gran}{dyn}"
+
+
+class QuantScheme(BaseModel):
+    """Weights are always quantized; activations and the KV cache optionally."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    weights: QuantArgs
+    activations: QuantArgs | None = None
+    kv_cache: QuantArgs | None = None
+
+    @model_validator(mode="after")
+    def _check_kinds(self) -> QuantScheme:
+        if self.weights.granularity == "token":
+            raise ValueError("weights.granularity cannot be 'token'")
+        act = self.activations
+        if act is not None and act.granularity not in ("token", "tensor"):
+            raise ValueError(
+                f"activations.granularity must be 'token' or 'tensor', not {act.granularity!r}"
+            )
+        if act is not None and act.granularity == "token" and not act.dynamic:
+            raise ValueError("per-token activation quantization must be dynamic")
+        return self
+
+    def with_group_size(self, group_size: int | None) -> QuantScheme:
+        """Override the weight group size (None keeps the scheme as it is)."""
+        if group_size is None:
+            return self
+        if group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        weights = self.weights.model_copy(
+            update={"granularity": "group", "group_size": group_size}
+        )
+        return self.model_copy(update={"weights": QuantArgs.model_validate(weights.model_dump())})
+
+
+def _weights(bits: int, symmetric: bool, group: int | None) -> QuantArgs:
+    if group is None:
+        return QuantArgs(bits=bits, symmetric=symmetric, granularity="channel")
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity="group", group_size=group)
+
+
+def _tokens(bits: int, symmetric: bool) -> QuantArgs:
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity="token", dynamic=True)
+
+
+def _kv(bits: int) -> QuantArgs:
+    # asymmetric, groups of 128 over the head dimension (the study's KV setting)
+    return QuantArgs(bits=bits, symmetric=False, granularity="group", group_size=128, dynamic=True)
+
+
+PRESETS: dict[str, QuantScheme] = {
+    "W4A16": QuantScheme(name="W4A16", weights=_weights(4, False, 128)),
+    "W3A16": QuantScheme(name="W3A16", weights=_weights(3, False, 128)),
+    "W8A16": QuantScheme(name="W8A16", weights=_weights(8, True, None)),
+    "W8A8": QuantScheme(name="W8A8", weights=_weights(8, True, None), activations=_tokens(8, True)),
+    "W4A4": QuantScheme(
+        name="W4A4", weights=_weights(4, True, None), activations=_tokens(4, False)
+    ),
+    "W8A8KV8": QuantScheme(
+        name="W8A8KV8",
+        weights=_weights(8, True, None),
+        activations=_tokens(8, True),
+        kv_cache=_kv(8),
+    ),
+    "W4A4KV4": QuantScheme(
+        name="W4A4KV4",
+        weights=_weights(4, True, None),
+        activations=_tokens(4, False),
+        kv_cache=_kv(4),
+    ),
+}
+
+
+def get_scheme(name: str, group_size: int | None = None) -> QuantScheme:
+    """A preset by name (case-insensitive), with an optional weight group-size override."""
+    key = name.upper()
+    if key not in PRESETS:
+        raise ValueError(f"unknown scheme {name!r}; presets: {', '.join(PRESETS)}")
+    scheme = PRESETS[key].with_group_size(group_size)
+    return scheme

@@ -1,0 +1,1 @@
+"""Built-in architecture adapters, datasets, evaluators and the qcore save format."""

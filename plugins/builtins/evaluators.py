@@ -1,0 +1,87 @@
+"""Perplexity on non-overlapping (or strided) windows of a tokenized text."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from qcore.data import tokenize
+from qcore.hookspecs import hookimpl
+from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
+from qcore.reports import EvaluationResult
+from rich.progress import Progress
+from torch import nn
+
+
+class PerplexityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: DataSpec
+    seq_len: int = Field(default=512, gt=1)
+    windows: int | None = Field(default=None, gt=0, description="first N windows; None = all")
+    stride: int | None = Field(default=None, gt=0, description="window step; default seq_len")
+    batch_size: int = Field(default=4, gt=0)
+    progress: bool = False
+
+
+def window_plan(n_tokens: int, seq_len: int, stride: int, windows: int | None
+                ) -> list[tuple[int, int, int]]:
+    """(start, end, scored) per window. With stride < seq_len only the tokens not scored by
+    the previous window count (the sliding-window evaluation of the transformers docs)."""
+    plan = []
+    prev_end = 0
+    for start in range(0, n_tokens - seq_len + 1, stride):
+        end = start + seq_len
+        scored = seq_len - 1 if not plan else min(end - prev_end, seq_len - 1)
+        plan.append((start, end, scored))
+        prev_end = end
+        if windows is not None and len(plan) == windows:
+            break
+    return plan
+
+
+class Perplexity(Evaluator):
+    name = "perplexity"
+    Config = PerplexityConfig
+    description = "exp(mean token NLL) over the first N windows of L tokens"
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+                 ) -> EvaluationResult:
+        cfg: PerplexityConfig = self.config
+        ids = tokenize(tokenizer, texts.text(cfg.data))
+        stride = cfg.stride or cfg.seq_len
+        plan = window_plan(ids.numel(), cfg.seq_len, stride, cfg.windows)
+        if not plan:
+            raise ValueError(f"text has {ids.numel()} tokens, fewer than seq_len={cfg.seq_len}")
+        if cfg.windows is not None and len(plan) < cfg.windows:
+            raise ValueError(f"windows={cfg.windows} asked but the text gives only {len(plan)} "
+                             f"windows of {cfg.seq_len} tokens")
+        model.eval()
+        model.to(backend.device)
+        nll, scored = 0.0, 0
+        with Progress(disable=not cfg.progress, transient=True) as bar:
+            task = bar.add_task("perplexity", total=len(plan))
+            for b in range(0, len(plan), cfg.batch_size):
+                chunk = plan[b: b + cfg.batch_size]
+                batch = torch.stack([ids[s:e] for s, e, _ in chunk]).to(backend.device)
+                logits = model(input_ids=batch, use_cache=False).logits.float()
+                for row, (_, _, n) in enumerate(chunk):
+                    lg = logits[row, -n - 1: -1]
+                    target = batch[row, -n:]
+                    nll += float(F.cross_entropy(lg, target, reduction="sum"))
+                    scored += n
+                bar.update(task, advance=len(chunk))
+        return EvaluationResult(
+            evaluator=self.name,
+            metrics={"perplexity": math.exp(nll / scored), "nll": nll / scored,
+                     "tokens_scored": float(scored), "windows": float(len(plan))},
+            details={"seq_len": cfg.seq_len, "stride": stride, "data": cfg.data.model_dump()},
+        )
+
+
+@hookimpl
+def qcore_register_evaluators(register):
+    register(Perplexity)

@@ -1,0 +1,1 @@
+"""Round-to-nearest (RTN) baseline quantizer."""
