@@ -5,7 +5,8 @@ Layout of a saved folder::
     model.safetensors   every tensor (QuantLinear codes, scales, zeros, g_idx, floats)
     config.json         the transformers model config
     tokenizer files     as the tokenizer saves them
-    qcore.json          run configuration, scheme, versions, and a spec per QuantLinear
+    qcore.json          run configuration, scheme, versions, a spec per QuantLinear and
+                        per KV-cache quantizer
 
 Saving is atomic (a temporary sibling folder renamed into place); loading rebuilds the
 model skeleton without allocating weights, swaps in QuantLinear modules from their specs
@@ -23,6 +24,7 @@ from accelerate import init_empty_weights
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
+from qcore.quant.kvcache import kv_specs, restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, replace_module
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -62,7 +64,8 @@ class QcoreFormat(Format):
         }
         dtype = next(model.parameters()).dtype
         meta = {**metadata, "format": self.name, "format_version": FORMAT_VERSION,
-                "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers}
+                "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers,
+                "kv_cache": kv_specs(model)}
         with atomic_directory(path) as tmp:
             save_file(_tensors_for_saving(model), str(tmp / WEIGHTS_FILE),
                       metadata={"format": "pt"})
@@ -92,6 +95,7 @@ class QcoreFormat(Format):
                                      f"plugin registers (known: {', '.join(modules) or 'none'})")
                 transform = modules[kind](**spec.input_transform.config)
             replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
+        restore_kv_quantization(model, meta.get("kv_cache", {}), modules)
         state = load_file(str(path / WEIGHTS_FILE))
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:

@@ -1,0 +1,1 @@
+"""AWQ quantizer plugin."""

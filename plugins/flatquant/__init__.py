@@ -1,0 +1,1 @@
+"""FlatQuant quantizer plugin."""

@@ -1,0 +1,1 @@
+"""SmoothQuant quantizer plugin."""

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models, a tiny tokenizer, the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny_config(kind: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common.update(overrides)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(kind)
+
+
+def make_tiny_model(kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny random decoder (float32, eval mode). GQA by default (4 heads, 2 KV heads)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _tiny_config(kind, **overrides)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # random init has tiny weights; widen norms so activations have outlier channels
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(1 + torch.rand_like(norm.weight) * 3)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return make_tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 512-token BPE tokenizer trained on pydoc topics in a second (no downloads)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.fixture
+def calib_ids():
+    """Random token windows (8 x 32) for tiny-model pipeline tests."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 512, (8, 32), generator=gen)
+
+
+@pytest.fixture
+def plugins():
+    from qcore.plugins import PluginManager
+
+    return PluginManager()
+
+
+@pytest.fixture(scope="session")
+def smollm2_master():
+    """The real SmolLM2-135M-Instruct (float32), loaded once per session."""
+    try:
+        from qcore.models.loading import smollm2_gguf
+        smollm2_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    from qcore.api import load_model
+
+    model, tokenizer, _ = load_model("smollm2")
+    return model, tokenizer
+
+
+@pytest.fixture
+def smollm2(smollm2_master):
+    """A fresh copy of SmolLM2-135M that a test may quantize in place."""
+    model, tokenizer = smollm2_master
+    return copy.deepcopy(model), tokenizer
