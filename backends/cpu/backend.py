@@ -10,10 +10,14 @@ from collections.abc import Callable
 import torch
 from qcore.interfaces import Backend, MemoryStats
 from qcore.quant.linear import Kernel, QuantLinear
-from qcore_backends.cpu import memory
+from qcore_backends.cpu import int8, memory
 
 #: (predicate on a layer, kernel, description) tried in order; the first match is used.
-CPU_KERNELS: list[tuple[Callable[[QuantLinear], bool], Kernel, str]] = []
+CPU_KERNELS: list[tuple[Callable[[QuantLinear], bool], Kernel, str]] = [
+    (int8.supports, int8.KERNELS[int8.selected_engine()],
+     f"W8A8: int8 x int8 -> int32 ({int8.selected_engine()}), symmetric per-token dynamic "
+     "or per-tensor static activations, per-channel weights"),
+]
 
 
 class CPUBackend(Backend):

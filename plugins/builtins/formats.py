@@ -65,7 +65,8 @@ class QcoreFormat(Format):
         dtype = next(model.parameters()).dtype
         meta = {**metadata, "format": self.name, "format_version": FORMAT_VERSION,
                 "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers,
-                "kv_cache": kv_specs(model)}
+                "kv_cache": kv_specs(model),
+                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
         with atomic_directory(path) as tmp:
             save_file(_tensors_for_saving(model), str(tmp / WEIGHTS_FILE),
                       metadata={"format": "pt"})
@@ -85,6 +86,8 @@ class QcoreFormat(Format):
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if meta.get("attn_implementation"):  # same kernel as at save time: bit-exact outputs
+            config._attn_implementation = meta["attn_implementation"]
         for name, raw in meta["quantized_layers"].items():
             spec = QuantLinearSpec.model_validate(raw)
             transform = None
