@@ -62,6 +62,7 @@ def tiny_qwen2():
 def tiny_tokenizer():
     """A 512-token BPE tokenizer trained on pydoc topics in a second (no downloads)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

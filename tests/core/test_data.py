@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from qcore.data import DatasetRegistry, WindowSpec, select_part, split_point, token_windows
 from qcore.interfaces import DataSpec
 

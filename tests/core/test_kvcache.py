@@ -1,5 +1,4 @@
 import torch
-
 from qcore.quant.kvcache import KVCacheSpec, enable_kv_quantization, fake_quantize_heads
 from qcore.schemes import QuantArgs, get_scheme
 

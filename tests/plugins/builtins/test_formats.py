@@ -2,7 +2,6 @@ import os
 
 import pytest
 import torch
-
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
 from qcore.interfaces import DataSpec

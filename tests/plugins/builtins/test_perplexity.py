@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from qcore import api
 from qcore.data import tokenize
 from qcore.interfaces import DataSpec

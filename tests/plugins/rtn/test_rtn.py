@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
 from qcore.interfaces import DataSpec
