@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
+from torch import nn
+
 from qcore.config import RunConfig
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer
@@ -24,7 +26,6 @@ from qcore.plugins import PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
 from qcore.schemes import QuantScheme
 from qcore.versions import package_versions
-from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,14 @@ import sys
 import time
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig, parse_assignments
 from qcore.interfaces import DataSpec
 from qcore.plugins import PluginError, get_plugin_manager
 from qcore.schemes import PRESETS
-from rich.console import Console
-from rich.table import Table
 
 console = Console(stderr=True)
 out = Console()

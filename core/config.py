@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
 from qcore.interfaces import DataSpec
 from qcore.schemes import QuantScheme, get_scheme
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
 from qcore.interfaces import Dataset, DataSpec, TextSource
 
 _TITLE = re.compile(r"\n = [^=\n][^\n]* = *\n")

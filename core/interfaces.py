@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
+
 from qcore.reports import EvaluationResult
 from qcore.schemes import QuantScheme
-from torch import nn
 
 if TYPE_CHECKING:
     from qcore.models.adapter import ArchitectureAdapter

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
 from qcore.interfaces import Backend, Quantizer
 from qcore.models.adapter import ArchitectureAdapter
 from qcore.quant.linear import replace_module
 from qcore.reports import LayerReport, QuantizationReport
 from qcore.schemes import QuantScheme
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
 
 log = logging.getLogger(__name__)
 

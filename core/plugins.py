@@ -15,6 +15,7 @@ from typing import Any
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
+
 from qcore import hookspecs
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,7 @@ calibration on the first half, perplexity on held-out windows of the second half
 
 import pytest
 import torch
+
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
 from qcore.interfaces import DataSpec

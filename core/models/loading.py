@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from qcore.io import atomic_directory
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qcore.io import atomic_directory
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
+
 from qcore.quant.linear import TransformSpec
 from qcore.quant.qparams import fake_quantize, qparams_lastdim
 from qcore.schemes import QuantArgs
-from torch import nn
 
 ATTN_IMPLEMENTATION = "qcore_kv"
 _registered = False

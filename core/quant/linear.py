@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
+from torch import nn
+
 from qcore.quant.packing import pack_codes, packed_width, unpack_codes
 from qcore.quant.qparams import (
     dequantize_weight,
@@ -27,7 +29,6 @@ from qcore.quant.qparams import (
     weight_qparams,
 )
 from qcore.schemes import QuantArgs
-from torch import nn
 
 Kernel = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
 

@@ -8,6 +8,7 @@ All functions work on the last dimension as the reduction axis: callers reshape 
 from __future__ import annotations
 
 import torch
+
 from qcore.schemes import QuantArgs
 
 

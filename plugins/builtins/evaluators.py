@@ -8,12 +8,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress
+from torch import nn
+
 from qcore.data import tokenize
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
 from qcore.reports import EvaluationResult
-from rich.progress import Progress
-from torch import nn
 
 
 class PerplexityConfig(BaseModel):

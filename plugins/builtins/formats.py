@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
 from qcore.quant.kvcache import kv_specs, restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, replace_module
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
 from qcore.interfaces import Quantizer, UnsupportedScheme
 from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
 from qcore.quant.qparams import qparams_from_range
 from qcore.schemes import QuantScheme
-from torch import nn
 
 
 class RTNConfig(BaseModel):

@@ -1,9 +1,10 @@
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs
 from qcore_backends.cpu.backend import CPUBackend
-from torch import nn
 
 
 def test_cpu_backend_contract():

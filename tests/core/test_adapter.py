@@ -1,9 +1,10 @@
 import logging
 
 import pytest
+from torch import nn
+
 from qcore.api import adapter_for
 from qcore.models.adapter import LlamaLikeAdapter
-from torch import nn
 
 
 def test_llama_and_qwen2_adapters(tiny_model, plugins):

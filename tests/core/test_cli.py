@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from qcore.cli import main
 
 

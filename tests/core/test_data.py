@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from qcore.data import DatasetRegistry, WindowSpec, select_part, split_point, token_windows
 from qcore.interfaces import DataSpec
 

@@ -1,4 +1,5 @@
 import torch
+
 from qcore.quant.kvcache import KVCacheSpec, enable_kv_quantization, fake_quantize_heads
 from qcore.schemes import QuantArgs, get_scheme
 

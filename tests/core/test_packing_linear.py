@@ -1,11 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from qcore.quant.linear import QuantLinear
 from qcore.quant.packing import pack_codes, packed_width, unpack_codes
 from qcore.quant.qparams import fake_quantize_weight, qparams_from_range
 from qcore.schemes import QuantArgs
-from torch import nn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

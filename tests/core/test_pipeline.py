@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from qcore import api, hookimpl
 from qcore.interfaces import Quantizer
 from qcore.pipeline import capture_first_layer_inputs, check_group_size, run_layerwise

@@ -2,6 +2,7 @@ import json
 from importlib.metadata import EntryPoint
 
 import pytest
+
 from qcore import hookimpl
 from qcore.cli import main
 from qcore.interfaces import Quantizer

@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+
 from qcore.quant.qparams import (
     fake_quantize_activation,
     fake_quantize_weight,

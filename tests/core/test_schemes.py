@@ -1,5 +1,6 @@
 import pytest
 from pydantic import ValidationError
+
 from qcore.config import RunConfig, parse_assignments
 from qcore.schemes import PRESETS, QuantArgs, QuantScheme, get_scheme
 

@@ -7,6 +7,7 @@ import os
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
 from qcore import hookimpl
 from qcore.data import tokenize
 from qcore.interfaces import DataSpec, Evaluator, Quantizer

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
 from qcore.interfaces import DataSpec

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from qcore import api
 from qcore.data import tokenize
 from qcore.interfaces import DataSpec

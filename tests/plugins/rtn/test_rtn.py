@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
 from qcore.interfaces import DataSpec

@@ -1,0 +1,1 @@
+"""Ascend NPU backend through torch_npu (imported lazily: it is optional)."""
