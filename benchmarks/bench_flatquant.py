@@ -1,0 +1,241 @@
+"""FlatQuant vs RTN (and SmoothQuant, when its plugin is installed) on SmolLM2-135M, W4A4 and
+W8A8, plus a peer row from llm-compressor (RTN W4A4 int, per-token dynamic activations;
+llm-compressor has no FlatQuant).
+
+Every row runs in its own subprocess; the parent measures wall time and peak RSS with
+os.wait4 and prints one table and FlatQuant's per-layer training losses:
+
+    python benchmarks/bench_flatquant.py                        # 128 x 512, 15 epochs
+    python benchmarks/bench_flatquant.py --samples 8 --epochs 2 --skip-peer
+
+Data: /work/shared/data/wiki_en.txt split at the first article title past the middle
+(qcore.data.select_part); the head gives N consecutive 512-token calibration windows, the
+tail (tokenized at once) the first 16 evaluation windows. The parent writes both as token-id
+tensors, so the peer never imports qcore. Perplexity is computed by the same function for
+every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+WIKI = Path("/work/shared/data/wiki_en.txt")
+
+
+def perplexity(model, eval_ids, batch_size: int = 4) -> float:
+    """exp(mean NLL) over windows (rows of eval_ids), every position but the first scored."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, eval_ids.shape[0], batch_size):
+            batch = eval_ids[b: b + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                         batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _load_float(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_qcore(a: argparse.Namespace) -> dict:
+    import torch
+
+    from qcore.api import build_backend, build_quantizer
+    from qcore.models.adapter import LlamaLikeAdapter
+    from qcore.pipeline import run_layerwise
+    from qcore.plugins import PluginManager
+    from qcore.schemes import get_scheme
+
+    torch.set_num_threads(a.threads)
+    calib = torch.load(a.calib)
+    eval_ids = torch.load(a.eval)
+    model = _load_float(a.model)
+    if a.method == "fp32":
+        return {"seconds": 0.0, "ppl": perplexity(model, eval_ids)}
+    plugins = PluginManager()
+    scheme = get_scheme(a.scheme)
+    options = json.loads(a.options)
+    quantizer = build_quantizer(a.method, scheme, options, plugins)
+    t0 = time.perf_counter()
+    report = run_layerwise(model, quantizer, LlamaLikeAdapter(model), build_backend("cpu", plugins),
+                           calib, plugins=plugins, batch_size=4, progress=False)
+    seconds = time.perf_counter() - t0
+    layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
+               **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds")
+                  if k in r.stats}} for r in report.layers]
+    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "layers": layers}
+
+
+def worker_llmc(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoTokenizer
+
+    eval_ids = torch.load(a.eval)
+    model = _load_float(a.model)
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=4, type="int", symmetric=False,
+                                           strategy="token", dynamic=True))
+    recipe = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "ppl": perplexity(model, eval_ids)}
+
+
+# ----------------------------------------------------------------------------- parent
+def prepare_data(samples: int, seq_len: int, windows: int, folder: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from qcore.data import WindowSpec, select_part, token_windows, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = WIKI.read_text()
+    head = tokenize(tokenizer, select_part(text, "head"))
+    tail = tokenize(tokenizer, select_part(text, "tail"))
+    calib = token_windows(head, WindowSpec(samples=samples, seq_len=seq_len))
+    eval_ids = token_windows(tail, WindowSpec(samples=windows, seq_len=seq_len))
+    out = Path(tempfile.mkdtemp(prefix="bench_flatquant_"))
+    torch.save(calib, out / "calib.pt")
+    torch.save(eval_ids, out / "eval.pt")
+    return out / "calib.pt", out / "eval.pt"
+
+
+def run_child(python: str, worker: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
+              model: Path, method: str = "", scheme: str = "", options: dict | None = None
+              ) -> dict:
+    out = Path(tempfile.mkstemp(prefix="bench_flatquant_", suffix=".json")[1])
+    cmd = [python, str(HERE), "--worker", worker, "--calib", str(calib), "--eval",
+           str(eval_ids), "--model", str(model), "--result", str(out), "--threads",
+           str(a.threads), "--method", method, "--scheme", scheme,
+           "--options", json.dumps(options or {})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if worker == "llmc":
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return {"error": f"exit code {code}", "wall": wall}
+    result = json.loads(out.read_text())
+    result["wall"] = wall
+    result["rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=15, help="flatquant epochs per layer")
+    p.add_argument("--fq-batch-size", type=int, default=4, help="flatquant windows per step")
+    p.add_argument("--w8a8-epochs", type=int, default=None, help="epochs for the W8A8 run "
+                   "(default: --epochs)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="fp32,rtn:W4A4,smoothquant:W4A4,flatquant:W4A4,"
+                   "rtn:W8A8,flatquant:W8A8", help="comma-separated method:scheme rows")
+    p.add_argument("--skip-peer", action="store_true", help="qcore rows only")
+    p.add_argument("--json", help="also write all results here")
+    p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)
+    for hidden in ("--calib", "--eval", "--model", "--result", "--method", "--scheme",
+                   "--options"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        result = (worker_qcore if a.worker == "qcore" else worker_llmc)(a)
+        Path(a.result).write_text(json.dumps(result))
+        return
+
+    from qcore.models.loading import smollm2_folder
+    from qcore.plugins import PluginManager
+
+    available = set(PluginManager().registry("quantizer"))
+    folder = smollm2_folder()
+    calib, eval_ids = prepare_data(a.samples, a.seq_len, a.eval_windows, folder)
+    rows: list[tuple[str, dict]] = []
+    for row in a.rows.split(","):
+        method, _, scheme = row.partition(":")
+        label = f"qcore {method} {scheme}".strip()
+        if method != "fp32" and method not in available:
+            rows.append((label, {"error": f"plugin {method!r} not installed"}))
+            continue
+        options = {}
+        if method == "flatquant":
+            epochs = a.w8a8_epochs if scheme == "W8A8" and a.w8a8_epochs is not None \
+                else a.epochs
+            options = {"epochs": epochs, "batch_size": a.fq_batch_size}
+        rows.append((label, run_child(sys.executable, "qcore", a, calib, eval_ids, folder,
+                                      method, scheme, options)))
+        print(label, {k: v for k, v in rows[-1][1].items() if k != "layers"}, flush=True)
+    if not a.skip_peer:
+        label = "llm-compressor RTN W4A4 int"
+        if not PEER_PYTHON.exists():
+            rows.append((label, {"error": f"{PEER_PYTHON} missing"}))
+        else:
+            rows.append((label, run_child(str(PEER_PYTHON), "llmc", a, calib, eval_ids,
+                                          folder)))
+
+    print(f"\nSmolLM2-135M, calibration {a.samples} x {a.seq_len} (wiki head), perplexity on "
+          f"{a.eval_windows} x {a.seq_len} (wiki tail), flatquant epochs {a.epochs} "
+          f"(W8A8 {a.w8a8_epochs if a.w8a8_epochs is not None else a.epochs}), "
+          f"batch {a.fq_batch_size}, "
+          f"{a.threads} threads")
+    fp = next((r["ppl"] for n, r in rows if n == "qcore fp32" and "ppl" in r), None)
+    print(f"{'method':<30} {'ppl':>9} {'vs fp':>7} {'quant s':>9} {'process s':>10} "
+          f"{'peak RSS MB':>12}")
+    for name, r in rows:
+        if "error" in r:
+            print(f"{name:<30} failed: {r['error']}")
+            continue
+        rel = f"{r['ppl'] / fp:>6.3f}x" if fp else ""
+        print(f"{name:<30} {r['ppl']:>9.2f} {rel:>7} {r['seconds']:>9.1f} {r['wall']:>10.1f} "
+              f"{r.get('rss_mb', 0):>12.0f}")
+    for name, r in rows:
+        if name.startswith("qcore flatquant") and "layers" in r:
+            print(f"\n{name}: per-layer training loss (MSE of the fake-quantized layer)")
+            print(f"{'layer':>5} {'start':>10} {'end':>10} {'end/start':>9} {'rel-mse':>9} "
+                  f"{'train s':>8}")
+            for layer in r["layers"]:
+                print(f"{layer['index']:>5} {layer['loss_start']:>10.3e} "
+                      f"{layer['loss_end']:>10.3e} "
+                      f"{layer['loss_end'] / max(layer['loss_start'], 1e-30):>9.3f} "
+                      f"{layer['relative_mse']:>9.2e} {layer['train_seconds']:>8.1f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

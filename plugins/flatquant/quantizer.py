@@ -1,0 +1,696 @@
+"""FlatQuant (Sun et al., 2024): learned affine transforms trained one decoder layer at a time.
+
+Per decoder layer (Llama/Qwen2 layout) the method learns
+
+* ``P_ln = P1 (x) P2`` with a per-channel scale ``c``: input of q/k/v (``x diag(c) P_ln``),
+* ``P_up`` with a scale: input of gate/up,
+* ``P_down`` with a scale: input of down,
+* ``P_o`` (num_heads x num_heads) mixing heads before o_proj and ``P_v`` (head_dim) on the
+  value outputs of v_proj (folded into v_proj's rows; both inverses fold into o_proj),
+* ``P_k`` (head_dim) on keys after RoPE, ``P_k^-T`` on queries, for KV-cache schemes,
+* learnable weight clipping (two sigmoid factors per output row) and learnable activation
+  clipping (two sigmoid factors per linear),
+
+by minimising the MSE between the fake-quantized layer and the full-precision layer output
+with AdamW and a cosine schedule. Afterwards the inverse transforms, clipping and scales are
+folded in float64 and the weights are quantized to QuantLinear codes; the Kronecker
+transforms stay online as each QuantLinear's ``input_transform``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from qcore.interfaces import Quantizer, UnsupportedScheme
+from qcore.pipeline import LayerContext
+from qcore.quant.kvcache import (
+    ATTN_IMPLEMENTATION,
+    KVCacheQuantizer,
+    KVCacheSpec,
+    register_attention,
+)
+from qcore.quant.linear import QuantLinear, replace_module
+from qcore.schemes import QuantArgs, QuantScheme
+from qcore_flatquant.transforms import (
+    FlatQuantKeyTransform,
+    FlatQuantTransform,
+    decompose_dim,
+    kron_matmul,
+    random_orthogonal,
+)
+
+
+class FlatQuantConfig(BaseModel):
+    """Options of the flatquant method (defaults: the FlatQuant authors' scripts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=15, ge=0, description="training epochs per decoder layer")
+    batch_size: int = Field(default=4, gt=0, description="calibration windows per step")
+    lr: float = Field(default=5e-3, gt=0, description="AdamW learning rate of the transforms "
+                                                      "and per-channel scales")
+    clip_lr_multiplier: float = Field(default=10.0, gt=0, description="clipping factors learn "
+                                                                      "at lr x this")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (the "
+                                "reference builds AdamW with torch's default, 0.01)")
+    min_lr_ratio: float = Field(default=1e-3, gt=0, le=1, description="cosine schedule ends "
+                                "at lr x this")
+    add_diag: bool = Field(default=True, description="learn per-channel scales c (x diag(c))")
+    diag_alpha: float = Field(default=0.3, ge=0, le=1, description="SmoothQuant-style init "
+                              "c = max|W_col|^(1-alpha) / max|X|^alpha")
+    lwc: bool = Field(default=True, description="learnable weight clipping (per output row)")
+    lac: bool = Field(default=True, description="learnable activation clipping (per linear)")
+    clip_init: float = Field(default=4.0, description="initial logit of every clipping "
+                             "factor (sigmoid(4) = 0.982)")
+    train_transforms: bool = Field(default=True, description="learn the transform matrices "
+                                   "(False keeps their random orthogonal init)")
+    init: Literal["random_orthogonal", "identity"] = Field(
+        default="random_orthogonal", description="initial transform matrices")
+    key_transform: bool = Field(default=True, description="learn the key-cache transform "
+                                "P_k when the scheme quantizes the KV cache")
+    normalize_loss: bool = Field(default=True, description="optimise MSE / MSE.detach() "
+                                 "as the reference does (same direction, unit scale)")
+    train_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="autocast dtype of the training forward")
+    seed: int = Field(default=0, description="seed of the random orthogonal inits "
+                      "(layer i uses seed + i)")
+    weight_method: Literal["rtn", "gptq"] = Field(
+        default="rtn", description="how the folded weights are rounded: round-to-nearest, or "
+        "GPTQ (the gptq plugin's solver, Hessians of the transformed, clipped, quantized "
+        "inputs, true-sequential inside the layer)")
+    gptq: dict[str, Any] = Field(default_factory=dict, description="options of the gptq "
+                                 "plugin's Config used when weight_method=gptq (e.g. "
+                                 "{act_order: true})")
+
+
+# ----------------------------------------------------------------------------- fake quant (STE)
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def _fake_quant_lastdim(x: torch.Tensor, bits: int, symmetric: bool,
+                        xmin: torch.Tensor, xmax: torch.Tensor) -> torch.Tensor:
+    """qcore's min/max quantizer (see qcore.quant.qparams) with a straight-through round."""
+    xmin = xmin.clamp(max=0)
+    xmax = xmax.clamp(min=0)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        absmax = torch.maximum(-xmin, xmax)
+        scale = absmax.clamp(min=1e-5) / (half - 1)
+        q = torch.clamp(round_ste(x / scale), -half, half - 1)
+        return q * scale
+    qmax = 2**bits - 1
+    scale = (xmax - xmin).clamp(min=1e-5) / qmax
+    zero = torch.clamp(-torch.round(xmin / scale), 0, qmax)
+    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+    return (q - zero) * scale
+
+
+def fake_quant_weight_ste(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    out_f, in_f = w.shape
+    if args.granularity == "channel":
+        view = w.reshape(out_f, 1, in_f)
+    elif args.granularity == "group":
+        view = w.reshape(out_f, in_f // args.group_size, args.group_size)
+    else:
+        view = w.reshape(1, 1, -1)
+    xmin = view.amin(dim=-1, keepdim=True) * args.clip_ratio
+    xmax = view.amax(dim=-1, keepdim=True) * args.clip_ratio
+    return _fake_quant_lastdim(view, args.bits, args.symmetric, xmin, xmax).reshape(w.shape)
+
+
+def fake_quant_tokens_ste(x: torch.Tensor, args: QuantArgs, clip_min: torch.Tensor | float,
+                          clip_max: torch.Tensor | float) -> torch.Tensor:
+    """Per-token min/max fake quantization with the learned clip factors.
+
+    Symmetric: values are clamped to [-a, a] first (a = the larger clipped magnitude), so a
+    clipped negative value maps to code -(2^(b-1) - 1) as in the deployed path (the online
+    transform clamps, qcore quantizes); the reference lets it reach -2^(b-1)."""
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_min
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_max
+    if args.symmetric:
+        a = torch.maximum(-xmin, xmax)
+        x = torch.maximum(torch.minimum(x, a), -a)
+    return _fake_quant_lastdim(x, args.bits, args.symmetric, xmin, xmax)
+
+
+def fake_quant_heads_ste(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """KV fake quantization as qcore.quant.kvcache.fake_quantize_heads, with STE."""
+    head_dim = x.shape[-1]
+    group = min(args.group_size or head_dim, head_dim) if args.granularity == "group" \
+        else head_dim
+    view = x.reshape(*x.shape[:-1], head_dim // group, group)
+    y = fake_quant_tokens_ste(view, args, args.clip_ratio, args.clip_ratio)
+    return y.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- learnables
+def _init_matrix(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "identity":
+        return torch.eye(n, dtype=torch.float64)
+    return random_orthogonal(n, gen)
+
+
+def _inv_t(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``m^-T`` computed in float64 (differentiable), returned in ``dtype``."""
+    return torch.linalg.inv(m.double()).t().to(dtype)
+
+
+class _Kron(nn.Module):
+    """A trainable ``diag(c) (P1 (x) P2)``."""
+
+    def __init__(self, n: int, init: str, gen: torch.Generator, diag: bool) -> None:
+        super().__init__()
+        n1, n2 = decompose_dim(n)
+        self.left = nn.Parameter(_init_matrix(n1, init, gen).float())
+        self.right = nn.Parameter(_init_matrix(n2, init, gen).float())
+        self.diag = nn.Parameter(torch.ones(n)) if diag else None
+
+    def mats(self, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+        return {"L": self.left.to(dtype), "R": self.right.to(dtype),
+                "Li": _inv_t(self.left, dtype), "Ri": _inv_t(self.right, dtype),
+                "c": None if self.diag is None else self.diag.to(dtype)}
+
+
+class _Single(nn.Module):
+    """A trainable full ``n x n`` matrix (the head, value and key transforms)."""
+
+    def __init__(self, n: int, init: str, gen: torch.Generator) -> None:
+        super().__init__()
+        self.matrix = nn.Parameter(_init_matrix(n, init, gen).float())
+
+    def mats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.matrix.to(dtype), _inv_t(self.matrix, dtype)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class LayerTransforms(nn.Module):
+    """Every learnable of one decoder layer and the maths that applies them.
+
+    ``names`` maps the roles q, k, v, o, gate, up, down to linear names in the layer."""
+
+    def __init__(self, layer: nn.Module, names: dict[str, str], num_heads: int, head_dim: int,
+                 num_kv_heads: int, config: FlatQuantConfig, with_key: bool,
+                 gen: torch.Generator) -> None:
+        super().__init__()
+        self.names = names
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.config = config
+        hidden = layer.get_submodule(names["q"]).in_features
+        inter = layer.get_submodule(names["down"]).in_features
+        init = config.init
+        self.ln = _Kron(hidden, init, gen, config.add_diag)
+        self.up = _Kron(hidden, init, gen, config.add_diag)
+        self.down = _Kron(inter, init, gen, config.add_diag)
+        self.o = _Single(num_heads, init, gen)
+        self.v = _Single(head_dim, init, gen)
+        self.k = _Single(head_dim, init, gen) if with_key else None
+        self.wclip_max = nn.ParameterDict()
+        self.wclip_min = nn.ParameterDict()
+        self.aclip_max = nn.ParameterDict()
+        self.aclip_min = nn.ParameterDict()
+        for name in names.values():
+            rows = layer.get_submodule(name).out_features
+            self.wclip_max[_key(name)] = nn.Parameter(torch.full((rows, 1), config.clip_init))
+            self.wclip_min[_key(name)] = nn.Parameter(torch.full((rows, 1), config.clip_init))
+            self.aclip_max[_key(name)] = nn.Parameter(torch.full((), config.clip_init))
+            self.aclip_min[_key(name)] = nn.Parameter(torch.full((), config.clip_init))
+        self.role = {name: role for role, name in names.items()}
+        self._mats: dict[str, Any] | None = None
+
+    # --------------------------------------------------------------- parameter groups
+    def transform_parameters(self) -> list[nn.Parameter]:
+        mods = [self.ln, self.up, self.down, self.o, self.v] + ([self.k] if self.k else [])
+        return [p for m in mods for p in m.parameters()]
+
+    def clip_parameters(self, lwc: bool, lac: bool) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        if lwc:
+            out += list(self.wclip_max.values()) + list(self.wclip_min.values())
+        if lac:
+            out += list(self.aclip_max.values()) + list(self.aclip_min.values())
+        return out
+
+    @torch.no_grad()
+    def init_diag(self, layer: nn.Module, absmax: dict[str, torch.Tensor]) -> None:
+        """SmoothQuant-style init (alpha 0.3): c = max|W_col|^(1-a) / max|X|^a, clamp 1e-5."""
+        a = self.config.diag_alpha
+        n = self.names
+        for kron, linears, src in ((self.ln, ("q", "k", "v"), "q"),
+                                   (self.up, ("gate", "up"), "gate"),
+                                   (self.down, ("down",), "down")):
+            if kron.diag is None:
+                continue
+            w = torch.cat([layer.get_submodule(n[r]).weight.detach().float() for r in linears])
+            wmax = w.abs().amax(dim=0)
+            xmax = absmax[n[src]].float().clamp(min=1e-5)
+            kron.diag.copy_((wmax.pow(1 - a) / xmax.pow(a)).clamp(min=1e-5).to(kron.diag))
+
+    # --------------------------------------------------------------- maths
+    def cached_mats(self) -> dict[str, Any]:
+        """float32 matrices and inverses, computed once per layer forward (the cache is
+        cleared by a forward pre-hook that :func:`training_layer` installs)."""
+        if self._mats is None:
+            self._mats = self.mats(torch.float32)
+        return self._mats
+
+    def clear_cache(self, *_: Any) -> None:
+        self._mats = None
+
+    def mats(self, dtype: torch.dtype) -> dict[str, Any]:
+        m: dict[str, Any] = {"ln": self.ln.mats(dtype), "up": self.up.mats(dtype),
+                             "down": self.down.mats(dtype)}
+        m["o"], m["o_it"] = self.o.mats(dtype)
+        m["v"], m["v_it"] = self.v.mats(dtype)
+        if self.k is not None:
+            m["k"], m["k_it"] = self.k.mats(dtype)
+        return m
+
+    def _group(self, role: str) -> str:
+        return {"q": "ln", "k": "ln", "v": "ln", "gate": "up", "up": "up", "down": "down"}[role]
+
+    def transform_input(self, role: str, x: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
+        """The online transform, with the per-channel scale still separate."""
+        if role == "o":
+            return kron_matmul(x, m["o"], None)
+        g = m[self._group(role)]
+        if g["c"] is not None:
+            x = x * g["c"]
+        return kron_matmul(x, g["L"], g["R"])
+
+    def transform_weight(self, role: str, name: str, w: torch.Tensor, b: torch.Tensor | None,
+                         m: dict[str, Any], clip: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W diag(1/c) P^-T``, then learned row clipping, then (v_proj) the value transform
+        on the output rows."""
+        if role == "o":
+            w = kron_matmul(w, m["o_it"], m["v_it"])
+        else:
+            g = m[self._group(role)]
+            if g["c"] is not None:
+                w = w / g["c"]
+            w = kron_matmul(w, g["Li"], g["Ri"])
+        if clip and self.config.lwc:
+            k = _key(name)
+            wmax = w.amax(dim=1, keepdim=True) * torch.sigmoid(self.wclip_max[k]).to(w.dtype)
+            wmin = w.amin(dim=1, keepdim=True) * torch.sigmoid(self.wclip_min[k]).to(w.dtype)
+            w = torch.maximum(torch.minimum(w, wmax), wmin)
+        if role == "v":
+            hd = self.head_dim
+            w = torch.matmul(m["v"].t(), w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
+            if b is not None:
+                b = torch.matmul(b.reshape(-1, hd), m["v"]).reshape(b.shape)
+        return w, b
+
+    def act_clip(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k = _key(name)
+        if not self.config.lac:
+            one = torch.ones((), device=self.aclip_min[k].device)
+            return one, one
+        return torch.sigmoid(self.aclip_min[k]), torch.sigmoid(self.aclip_max[k])
+
+
+# ----------------------------------------------------------------------------- training modules
+class _TrainLinear(nn.Module):
+    """Stands in for a linear during training: transform + fake quant (STE) of both sides."""
+
+    def __init__(self, owner: LayerTransforms, name: str, linear: nn.Linear,
+                 scheme: QuantScheme | None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.name = name
+        self.role = owner.role[name]
+        self.scheme = scheme
+        object.__setattr__(self, "owner", owner)  # not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owner: LayerTransforms = self.owner  # type: ignore[assignment]
+        m = owner.cached_mats()
+        dtype = x.dtype
+        x = owner.transform_input(self.role, x.float(), m)
+        w = self.linear.weight.detach().float()
+        b = None if self.linear.bias is None else self.linear.bias.detach().float()
+        quant = self.scheme is not None
+        w, b = owner.transform_weight(self.role, self.name, w, b, m, clip=quant)
+        if quant:
+            w = fake_quant_weight_ste(w, self.scheme.weights)
+            act = self.scheme.activations
+            if act is not None:
+                cmin, cmax = owner.act_clip(self.name)
+                x = fake_quant_tokens_ste(x, act, cmin, cmax)
+        return F.linear(x, w, b).to(dtype)
+
+
+class _TrainKV(nn.Module):
+    """Training-time ``qcore_kv`` module: key transform and STE fake quantization."""
+
+    def __init__(self, owner: LayerTransforms, kv: QuantArgs | None) -> None:
+        super().__init__()
+        self.kv = kv
+        object.__setattr__(self, "owner", owner)
+
+    def forward(self, query, key, value):
+        owner: LayerTransforms = self.owner  # type: ignore[assignment]
+        if owner.k is not None:
+            dtype = key.dtype
+            m = owner.cached_mats()
+            pk, pk_it = m["k"], m["k_it"]
+            query = torch.matmul(query.float(), pk_it).to(dtype)
+            key = torch.matmul(key.float(), pk).to(dtype)
+        if self.kv is not None:
+            key = fake_quant_heads_ste(key.float(), self.kv).to(key.dtype)
+            value = fake_quant_heads_ste(value.float(), self.kv).to(value.dtype)
+        return query, key, value
+
+
+@contextmanager
+def training_layer(layer: nn.Module, owner: LayerTransforms, attn_name: str,
+                   scheme: QuantScheme | None) -> Iterator[nn.Module]:
+    """Swap the layer's linears for training wrappers (and attach the training KV module);
+    ``scheme=None`` runs the transforms with every quantizer and clip off."""
+    originals = {}
+    for name in owner.names.values():
+        linear = layer.get_submodule(name)
+        originals[name] = replace_module(layer, name, _TrainLinear(owner, name, linear, scheme))
+    attn = layer.get_submodule(attn_name)
+    old_kv = getattr(attn, "qcore_kv", None)
+    kv_args = scheme.kv_cache if scheme is not None else None
+    attn.qcore_kv = _TrainKV(owner, kv_args)
+    hook = layer.register_forward_pre_hook(owner.clear_cache)
+    try:
+        yield layer
+    finally:
+        hook.remove()
+        owner.clear_cache()
+        for name, linear in originals.items():
+            replace_module(layer, name, linear)
+        if old_kv is None:
+            del attn.qcore_kv
+        else:
+            attn.qcore_kv = old_kv
+
+
+# ----------------------------------------------------------------------------- folding
+@torch.no_grad()
+def fold_layer(layer: nn.Module, owner: LayerTransforms, norms: tuple[str, str],
+               act: QuantArgs | None, clip: bool = True
+               ) -> tuple[dict[str, FlatQuantTransform], FlatQuantKeyTransform | None]:
+    """Fold the learned transforms into ``layer`` in float64, in place.
+
+    Linear weights become ``clip(W diag(1/c) P^-T)`` (v_proj's rows times ``P_v``, up_proj's
+    rows times down's scale), the norms absorb the q/k/v and gate/up scales. Returns the
+    online transform per linear name (Kronecker matrices + learned activation clip) and the
+    key-cache transform (or None)."""
+    m = owner.mats(torch.float64)
+    names = owner.names
+    transforms: dict[str, FlatQuantTransform] = {}
+    clip_mode = "none" if act is None or not clip or not owner.config.lac else \
+        ("sym" if act.symmetric else "asym")
+    for role, name in names.items():
+        linear = layer.get_submodule(name)
+        dtype = linear.weight.dtype
+        w = linear.weight.detach().double()
+        b = None if linear.bias is None else linear.bias.detach().double()
+        w, b = owner.transform_weight(role, name, w, b, m, clip=clip)
+        if role == "up" and m["down"]["c"] is not None:
+            w = w * m["down"]["c"].unsqueeze(1)
+            if b is not None:
+                b = b * m["down"]["c"]
+        linear.weight.data = w.to(dtype)
+        if b is not None:
+            linear.bias.data = b.to(dtype)
+        if role == "o":
+            tr = FlatQuantTransform(owner.num_heads, owner.head_dim, has_right=False,
+                                    clip=clip_mode)
+            tr.left.copy_(m["o"])
+        else:
+            g = m[owner._group(role)]
+            tr = FlatQuantTransform(g["L"].shape[0], g["R"].shape[0], clip=clip_mode)
+            tr.left.copy_(g["L"])
+            tr.right.copy_(g["R"])
+        if clip_mode != "none":
+            cmin, cmax = owner.act_clip(name)
+            tr.clip_min.copy_(cmin)
+            tr.clip_max.copy_(cmax)
+        transforms[name] = tr.to(linear.weight.device)
+    for norm_name, group in zip(norms, ("ln", "up"), strict=True):
+        c = m[group]["c"]
+        if c is None:
+            continue
+        norm = layer.get_submodule(norm_name)
+        norm.weight.data = (norm.weight.detach().double() * c).to(norm.weight.dtype)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data = (norm.bias.detach().double() * c).to(norm.bias.dtype)
+    key = None
+    if owner.k is not None:
+        key = FlatQuantKeyTransform(owner.head_dim)
+        key.matrix.copy_(m["k"])
+        key.matrix_inv_t.copy_(m["k_it"])
+        key = key.to(owner.k.matrix.device)
+    return transforms, key
+
+
+# ----------------------------------------------------------------------------- batching
+def _shared_kwargs(kwargs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """One set of layer keyword arguments valid for any batch size: tensors whose first dim
+    is the calibration batch must be identical across it (no padding) and are cut to 1."""
+
+    def squeeze(key: str, v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch and batch > 1:
+            if not torch.equal(v, v[:1].expand_as(v)):
+                raise ValueError(f"flatquant: layer argument {key!r} differs across the "
+                                 "calibration batch (padded windows?); cannot re-batch")
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(squeeze(key, x) for x in v)
+        if isinstance(v, list):
+            return [squeeze(key, x) for x in v]
+        return v
+
+    return {k: squeeze(k, v) for k, v in kwargs[0].items()}
+
+
+def _out(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+# ----------------------------------------------------------------------------- quantizer
+class FlatQuantQuantizer(Quantizer):
+    name = "flatquant"
+    Config = FlatQuantConfig
+    description = "learned Kronecker affine transforms + learned clipping, per layer (W4A4/W8A8)"
+    propagation = "full"
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        act = scheme.activations
+        if act is not None and act.granularity != "token":
+            raise UnsupportedScheme(
+                f"flatquant quantizes activations per token (dynamic); scheme {scheme.name} "
+                f"asks activations.granularity={act.granularity!r}")
+        if scheme.weights.granularity == "tensor":
+            raise UnsupportedScheme(f"flatquant needs per-channel or per-group weights, not "
+                                    f"per-tensor (scheme {scheme.name})")
+
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        for attr in ("Q", "K", "V", "O", "GATE", "UP", "DOWN", "NORM1", "NORM2", "ATTN"):
+            if not hasattr(adapter, attr):
+                raise ValueError(f"flatquant needs a Llama-layout adapter (q/k/v/o, gate/up/"
+                                 f"down, two norms); {type(adapter).__name__} lacks {attr}")
+        if self.scheme.kv_cache is not None:
+            # attention through qcore_kv; a layer gets its qcore_kv module when it is trained
+            register_attention()
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def _roles(self, adapter: Any) -> dict[str, str]:
+        a = adapter
+        return {"q": a.Q, "k": a.K, "v": a.V, "o": a.O, "gate": a.GATE, "up": a.UP,
+                "down": a.DOWN}
+
+    def build_transforms(self, ctx: LayerContext) -> LayerTransforms:
+        info = ctx.adapter.attention_info()
+        roles = self._roles(ctx.adapter)
+        gen = torch.Generator().manual_seed(self.config.seed + ctx.index)
+        with_key = self.scheme.kv_cache is not None and self.config.key_transform
+        owner = LayerTransforms(ctx.layer, roles, info.num_heads, info.head_dim,
+                                info.num_kv_heads, self.config, with_key, gen)
+        owner.to(ctx.backend.device)
+        if self.config.add_diag:
+            absmax = ctx.input_absmax([roles["q"], roles["gate"], roles["down"]])
+            owner.init_diag(ctx.layer, absmax)
+        return owner
+
+    def train(self, ctx: LayerContext, owner: LayerTransforms) -> dict[str, Any]:
+        cfg = self.config
+        inputs = torch.cat(ctx.inputs)
+        targets = torch.cat(ctx.fp_outputs)
+        kw = _shared_kwargs(ctx.kwargs, ctx.inputs[0].shape[0])
+        n = inputs.shape[0]
+        bs = min(cfg.batch_size, n)
+        steps_per_epoch = n // bs
+        batches = [(inputs[i * bs:(i + 1) * bs], targets[i * bs:(i + 1) * bs])
+                   for i in range(steps_per_epoch)]
+        attn = ctx.adapter.ATTN
+        device = ctx.backend.device
+        amp = cfg.train_dtype == "bfloat16"
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+        def evaluate() -> tuple[float, float]:
+            """(mean MSE, relative MSE) of the training-time (fake-quantized) layer."""
+            total, err, ref = 0.0, 0.0, 0.0
+            with torch.no_grad(), autocast():
+                for x, y in batches:
+                    diff = _out(ctx.layer(x, **kw)).float() - y.float()
+                    total += float(diff.pow(2).mean())
+                    err += float(diff.pow(2).sum())
+                    ref += float(y.float().pow(2).sum())
+            return total / len(batches), err / max(ref, 1e-30)
+
+        for p in ctx.layer.parameters():
+            p.requires_grad_(False)
+        trans = owner.transform_parameters() if cfg.train_transforms else []
+        diag = [k.diag for k in (owner.ln, owner.up, owner.down) if k.diag is not None]
+        trans = [p for p in trans if all(p is not d for d in diag)] + diag
+        clips = owner.clip_parameters(cfg.lwc, cfg.lac and self.scheme.activations is not None)
+        for p in owner.parameters():
+            p.requires_grad_(False)
+        groups = []
+        if trans:
+            groups.append({"params": trans, "lr": cfg.lr})
+        if clips:
+            groups.append({"params": clips, "lr": cfg.lr * cfg.clip_lr_multiplier})
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+
+        epoch_losses: list[float] = []
+        t0 = time.perf_counter()
+        with training_layer(ctx.layer, owner, attn, self.scheme):
+            loss_start, rel_start = evaluate()
+            if groups and cfg.epochs > 0:
+                opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+                total = cfg.epochs * steps_per_epoch
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    opt, T_max=total, eta_min=cfg.lr * cfg.min_lr_ratio)
+                with torch.enable_grad():
+                    for _ in range(cfg.epochs):
+                        acc = 0.0
+                        for x, y in batches:
+                            with autocast():
+                                out = _out(ctx.layer(x, **kw))
+                            loss = F.mse_loss(out.float(), y.float())
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(
+                                    f"flatquant: non-finite training loss in {ctx.name}")
+                            acc += float(loss.detach())
+                            objective = loss / loss.detach() if cfg.normalize_loss else loss
+                            opt.zero_grad(set_to_none=True)
+                            objective.backward()
+                            opt.step()
+                            sched.step()
+                        epoch_losses.append(acc / steps_per_epoch)
+            loss_end, rel_end = evaluate()
+        for p in owner.parameters():
+            p.requires_grad_(False)
+        return {"loss_start": loss_start, "loss_end": loss_end,
+                "loss_ratio": loss_end / max(loss_start, 1e-30),
+                "train_relative_mse_start": rel_start, "train_relative_mse_end": rel_end,
+                "epoch_losses": epoch_losses, "train_seconds": time.perf_counter() - t0,
+                "steps": cfg.epochs * steps_per_epoch if groups else 0}
+
+    def install(self, ctx: LayerContext, owner: LayerTransforms) -> dict[str, Any]:
+        """Fold, quantize the weights (RTN or GPTQ) and attach the online transforms."""
+        a = ctx.adapter
+        act = self.scheme.activations
+        transforms, key = fold_layer(ctx.layer, owner, (a.NORM1, a.NORM2), act)
+        folded: dict[str, nn.Linear] = {}
+        for name, tr in transforms.items():
+            linear = ctx.submodule(name)
+            folded[name] = linear
+            q = QuantLinear.from_float(linear, self.scheme.weights, activations=act,
+                                       input_transform=tr, transform_spec=tr.spec())
+            ctx.replace(name, q)
+        stats: dict[str, Any] = {}
+        attn = ctx.submodule(a.ATTN)
+        kv = self.scheme.kv_cache
+        if kv is not None:
+            spec = KVCacheSpec(keys=kv, values=kv,
+                               key_transform=key.spec() if key is not None else None)
+            attn.qcore_kv = KVCacheQuantizer(spec, key_transform=key)
+        if self.config.weight_method == "gptq":
+            stats.update(self._gptq(ctx, folded, transforms))
+        return stats
+
+    def _gptq(self, ctx: LayerContext, folded: dict[str, nn.Linear],
+              transforms: dict[str, FlatQuantTransform]) -> dict[str, Any]:
+        """GPTQ on the folded weights, composed from the gptq plugin: its Config validates
+        ``config.gptq`` and its solver rounds each weight against the Hessian of what the
+        QuantLinear really multiplies (transformed, clipped, fake-quantized inputs)."""
+        try:
+            gptq_cls = ctx.plugins.get("quantizer", "gptq") if ctx.plugins is not None \
+                else None
+            from qcore_gptq.algorithm import HessianAccumulator, MSEClip, gptq_quantize
+        except (ImportError, KeyError, ValueError) as exc:
+            raise ValueError("flatquant weight_method=gptq needs the gptq plugin "
+                             f"({exc})") from exc
+        if gptq_cls is None:
+            raise ValueError("flatquant weight_method=gptq needs the plugin manager "
+                             "(run through qcore.api or run_layerwise(plugins=...))")
+        g = gptq_cls.Config.model_validate(self.config.gptq)
+        mse = MSEClip(g.mse_grid, g.mse_max_shrink, g.mse_norm) if g.mse_clip else None
+        act = self.scheme.activations
+        losses: dict[str, float] = {}
+        names = set(folded)
+        for group in ctx.adapter.sequential_groups():
+            members = [n for n in group if n in names]
+            acc = {n: HessianAccumulator(folded[n].in_features, ctx.backend.device)
+                   for n in members}
+
+            def observe(name: str, module: nn.Module, x: torch.Tensor, _y: torch.Tensor,
+                        acc: dict = acc) -> None:
+                acc[name].add(module.quantize_input(x))
+
+            ctx.forward({n: observe for n in members}, keep_outputs=False)
+            for name in members:
+                linear = folded[name]
+                res = gptq_quantize(
+                    linear.weight.detach(), acc[name].H, self.scheme.weights,
+                    block_size=g.block_size, act_order=g.act_order,
+                    static_groups=g.static_groups, damp=g.damp, damp_step=g.damp_step,
+                    damp_max_steps=g.damp_max_steps, mse=mse, cholesky=ctx.backend.cholesky,
+                    cholesky_inverse=ctx.backend.cholesky_inverse, name=f"{ctx.name}.{name}")
+                shell = nn.Linear(linear.in_features, linear.out_features, bias=False,
+                                  device="meta")
+                shell.weight = nn.Parameter(res.Q.to(linear.weight.dtype), requires_grad=False)
+                shell.bias = linear.bias
+                tr = transforms[name]
+                q = QuantLinear.from_float(shell, self.scheme.weights, scale=res.scale.float(),
+                                           zero=res.zero.float(), g_idx=res.g_idx,
+                                           activations=act, input_transform=tr,
+                                           transform_spec=tr.spec())
+                ctx.replace(name, q)
+                losses[name] = res.loss
+        return {"gptq_loss": losses}
+
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        owner = self.build_transforms(ctx)
+        stats = self.train(ctx, owner)
+        stats.update(self.install(ctx, owner))
+        stats["seconds_total"] = time.perf_counter() - t0
+        ctx.log.info("%s: flatquant loss %.3e -> %.3e in %.1fs", ctx.name, stats["loss_start"],
+                     stats["loss_end"], stats["train_seconds"])
+        return stats
+

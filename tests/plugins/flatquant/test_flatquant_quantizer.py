@@ -1,0 +1,199 @@
+"""FlatQuant on tiny models: exact equivalence without quantization, training, folding,
+save/load, options."""
+
+import copy
+from contextlib import ExitStack
+
+import pytest
+import torch
+from torch import nn
+
+from qcore import hookimpl
+from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
+from qcore.interfaces import UnsupportedScheme
+from qcore.models.adapter import LlamaLikeAdapter
+from qcore.pipeline import run_layerwise
+from qcore.quant.kvcache import (
+    ATTN_IMPLEMENTATION,
+    KVCacheQuantizer,
+    KVCacheSpec,
+    register_attention,
+)
+from qcore.quant.linear import QuantLinear, replace_module
+from qcore.schemes import QuantArgs, QuantScheme, get_scheme
+from qcore_flatquant.quantizer import (
+    FlatQuantConfig,
+    LayerTransforms,
+    fold_layer,
+    training_layer,
+)
+from qcore_flatquant.transforms import FlatQuantKeyTransform, FlatQuantTransform
+
+A = LlamaLikeAdapter
+ROLES = {"q": A.Q, "k": A.K, "v": A.V, "o": A.O, "gate": A.GATE, "up": A.UP, "down": A.DOWN}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from threads; on a shared machine they lose a lot."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _random_owners(model, seed=0):
+    """Random (non-orthogonal, non-trivial) transforms and scales for every layer."""
+    cfg = FlatQuantConfig()
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    owners = []
+    for i, layer in enumerate(model.model.layers):
+        gen = torch.Generator().manual_seed(seed + i)
+        owner = LayerTransforms(layer, ROLES, c.num_attention_heads, head_dim,
+                                c.num_key_value_heads, cfg, True, gen)
+        with torch.no_grad():
+            for p in owner.parameters():
+                if p.dim() == 2 and p.shape[0] == p.shape[1]:
+                    p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            for k in (owner.ln, owner.up, owner.down):
+                k.diag.copy_(torch.rand(k.diag.shape, generator=gen) * 2 + 0.25)
+        owners.append(owner)
+    return owners
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_transformed_model_equals_original_without_quantization(tiny_model):
+    register_attention()
+    tiny_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = _logits(tiny_model, ids)
+    owners = _random_owners(tiny_model)
+    # training-time forward with every quantizer off
+    with ExitStack() as stack:
+        for layer, owner in zip(tiny_model.model.layers, owners, strict=True):
+            stack.enter_context(training_layer(layer, owner, A.ATTN, None))
+        assert _rel(_logits(tiny_model, ids), ref) < 1e-4
+    # folded (float64) weights + online transforms + key transform, no clipping
+    folded = copy.deepcopy(tiny_model)
+    for layer, owner in zip(folded.model.layers, owners, strict=True):
+        transforms, key = fold_layer(layer, owner, (A.NORM1, A.NORM2), act=None, clip=False)
+        for name, tr in transforms.items():
+            replace_module(layer, name, nn.Sequential(tr, layer.get_submodule(name)))
+        spec = KVCacheSpec(keys=None, values=None, key_transform=key.spec())
+        layer.self_attn.qcore_kv = KVCacheQuantizer(spec, key_transform=key)
+    assert _rel(_logits(folded, ids), ref) < 1e-4
+
+
+class Collect:
+    def __init__(self):
+        self.reports = []
+
+    @hookimpl
+    def qcore_layer_quantized(self, report):
+        self.reports.append(report)
+
+
+def _run(model, scheme, calib_ids, plugins, **options):
+    quantizer = build_quantizer("flatquant", get_scheme(scheme) if isinstance(scheme, str)
+                                else scheme, options, plugins)
+    watch = Collect()
+    plugins.add_plugin(watch, name=f"watch-{id(watch)}")
+    try:
+        run_layerwise(model, quantizer, LlamaLikeAdapter(model), build_backend("cpu", plugins),
+                      calib_ids, plugins=plugins, batch_size=4, progress=False)
+    finally:
+        plugins.remove_plugin(f"watch-{id(watch)}")
+    return watch.reports
+
+
+def test_training_loss_decreases(tiny_llama, calib_ids, plugins):
+    reports = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=4, batch_size=2)
+    assert len(reports) == 2
+    for r in reports:
+        s = r.stats
+        assert s["steps"] == 4 * 4
+        assert len(s["epoch_losses"]) == 4
+        assert s["loss_end"] < 0.95 * s["loss_start"], (r.name, s["loss_start"], s["loss_end"])
+        assert {"loss_start", "loss_end", "train_seconds"} <= set(s)
+
+
+@pytest.mark.parametrize("kind, scheme", [("tiny_llama", "W4A4"), ("tiny_qwen2", "W4A4KV4"),
+                                          ("tiny_llama", "W8A8")])
+def test_fold_then_quantize_equals_training_forward(request, calib_ids, plugins, kind, scheme):
+    """The pipeline's error of the folded, quantized layer (QuantLinear + online transforms)
+    equals the training-time fake-quantized layer's error (float32 vs float64 folding can
+    flip a rare rounding tie)."""
+    tiny_model = request.getfixturevalue(kind)
+    reports = _run(tiny_model, scheme, calib_ids, plugins, epochs=1)
+    for r in reports:
+        train = r.stats["train_relative_mse_end"]
+        assert abs(r.relative_mse - train) <= 0.01 * train, (r.name, r.relative_mse, train)
+    layer = tiny_model.model.layers[0]
+    q = layer.self_attn.q_proj
+    assert isinstance(q, QuantLinear) and isinstance(q.input_transform, FlatQuantTransform)
+    assert q.spec.input_transform.type == "flatquant_kron"
+    assert isinstance(layer.self_attn.o_proj.input_transform, FlatQuantTransform)
+    if scheme == "W4A4KV4":
+        assert isinstance(layer.self_attn.qcore_kv.key_transform, FlatQuantKeyTransform)
+
+
+def test_flatquant_beats_rtn_w4a4_on_tiny_model(tiny_llama, calib_ids, plugins):
+    rtn_model = copy.deepcopy(tiny_llama)
+    fq = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=2)
+    rtn = build_quantizer("rtn", get_scheme("W4A4"), {}, plugins)
+    report = run_layerwise(rtn_model, rtn, LlamaLikeAdapter(rtn_model),
+                           build_backend("cpu", plugins), calib_ids, progress=False)
+    for a, b in zip(fq, report.layers, strict=True):
+        assert a.relative_mse < b.relative_mse
+
+
+def test_save_load_round_trip_is_exact(tiny_qwen2, calib_ids, plugins, tiny_tokenizer, tmp_path):
+    _run(tiny_qwen2, "W4A4KV4", calib_ids, plugins, epochs=1)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    before = _logits(tiny_qwen2, ids)
+    path = save_model(tiny_qwen2, tiny_tokenizer, tmp_path / "fq", {"method": "flatquant"},
+                      plugins=plugins)
+    loaded, _, meta = load_model(str(path), plugins)
+    assert meta["quantized_layers"]["model.layers.0.self_attn.q_proj"]["input_transform"][
+        "type"] == "flatquant_kron"
+    kv = loaded.model.layers[1].self_attn.qcore_kv
+    assert isinstance(kv.key_transform, FlatQuantKeyTransform)
+    assert torch.equal(_logits(loaded, ids), before)
+
+
+def test_options_and_schemes(plugins):
+    q = build_quantizer("flatquant", get_scheme("W4A4"), {"epochs": 2, "lr": 1e-3}, plugins)
+    assert q.config.epochs == 2 and q.config.batch_size == 4 and q.config.diag_alpha == 0.3
+    assert q.propagation == "full"
+    with pytest.raises(ConfigError, match="epoch"):
+        build_quantizer("flatquant", get_scheme("W4A4"), {"epoch": 2}, plugins)
+    static = QuantScheme(name="static", weights=QuantArgs(bits=8),
+                         activations=QuantArgs(bits=8, granularity="tensor"))
+    with pytest.raises((UnsupportedScheme, ConfigError), match="per token"):
+        build_quantizer("flatquant", static, {}, plugins)
+
+
+def test_gptq_composition_lowers_error(tiny_llama, calib_ids, plugins):
+    """weight_method=gptq rounds the folded weights with the gptq plugin's solver against the
+    Hessian of the transformed, quantized inputs: never worse than RTN of the same
+    transforms on the calibration data, and still a QuantLinear with its transform."""
+    pytest.importorskip("qcore_gptq.algorithm")
+    rtn_model = copy.deepcopy(tiny_llama)
+    rtn = _run(rtn_model, "W4A4", calib_ids, plugins, epochs=0)
+    gptq = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=0, weight_method="gptq",
+                gptq={"act_order": True, "static_groups": True})
+    assert sum(r.relative_mse for r in gptq) < sum(r.relative_mse for r in rtn)
+    assert set(gptq[0].stats["gptq_loss"]) == set(ROLES.values())
+    q = tiny_llama.model.layers[1].mlp.down_proj
+    assert isinstance(q, QuantLinear) and isinstance(q.input_transform, FlatQuantTransform)
+    with pytest.raises(ConfigError, match="weight_method"):
+        build_quantizer("flatquant", get_scheme("W4A4"), {"weight_method": "awq"}, plugins)
