@@ -148,10 +148,12 @@ class LayerContext:
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
 
-            def hook(mod: nn.Module, args: tuple, out: Any, _n: str = name, _fn: HookFn = fn):
-                _fn(_n, mod, args[0], _hidden(out))
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, _n: str = name,
+                     _fn: HookFn = fn):
+                x = args[0] if args else kwargs["hidden_states"]  # attention is called by kw
+                _fn(_n, mod, x, _hidden(out))
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         outputs = []
         try:
             for x, kw in zip(inputs if inputs is not None else self.inputs, self.kwargs,
