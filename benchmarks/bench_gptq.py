@@ -1,0 +1,222 @@
+"""qcore GPTQ vs llm-compressor's GPTQModifier on SmolLM2-135M, same data, same scheme.
+
+Both sides run in their own subprocess (llm-compressor in /work/llmc-venv); the parent
+measures each child's peak RSS with os.wait4 and prints one table:
+
+    python benchmarks/bench_gptq.py                 # 128 x 512 calibration tokens
+    python benchmarks/bench_gptq.py --samples 16 --skip-peer --rtn
+
+Data: /work/shared/data/wiki_en.txt split in two at the first article title past the
+middle (qcore.data.select_part); the head gives N consecutive 512-token calibration
+windows, the tail (tokenized at once) the first 16 evaluation windows. The parent writes
+both as token-id tensors so the peer never imports qcore. Scheme: W4A16 asymmetric, group
+64, damp 0.01, block 128; act-order with static groups on both sides (llm-compressor's
+default "static" actorder) unless --no-act-order. Perplexity is computed by the same
+function on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+WIKI = Path("/work/shared/data/wiki_en.txt")
+
+
+# ----------------------------------------------------------------------------- shared
+def perplexity(model, eval_ids, batch_size: int = 1) -> float:
+    """exp(mean NLL) over windows (rows of eval_ids), every position but the first scored."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, eval_ids.shape[0], batch_size):
+            batch = eval_ids[b: b + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                         batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _load_float(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_qcore(a: argparse.Namespace) -> dict:
+    import torch
+
+    from qcore.api import build_backend, build_quantizer
+    from qcore.models.adapter import LlamaLikeAdapter
+    from qcore.pipeline import check_group_size, run_layerwise
+    from qcore.plugins import PluginManager
+    from qcore.schemes import get_scheme
+
+    torch.set_num_threads(a.threads)
+    calib = torch.load(a.calib)
+    eval_ids = torch.load(a.eval)
+    model = _load_float(a.model)
+    plugins = PluginManager()
+    scheme = get_scheme("W4A16", a.group_size)
+    method = a.worker.removeprefix("qcore-") if a.worker != "qcore" else "gptq"
+    options = {"act_order": a.act_order, "static_groups": a.act_order} if method == "gptq" else {}
+    quantizer = build_quantizer(method, scheme, options, plugins)
+    adapter = LlamaLikeAdapter(model)
+    check_group_size(model, adapter, scheme)
+    t0 = time.perf_counter()
+    report = run_layerwise(model, quantizer, adapter, build_backend("cpu", plugins), calib,
+                           plugins=plugins, batch_size=a.batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
+    detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
+    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "detail": detail}
+
+
+def worker_llmc(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    calib = torch.load(a.calib)
+    eval_ids = torch.load(a.eval)
+    model = _load_float(a.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+                                 group_size=a.group_size))
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                          block_size=128, dampening_frac=0.01,
+                          actorder="static" if a.act_order else None)
+    ds = Dataset.from_dict({"input_ids": calib.tolist(),
+                            "attention_mask": torch.ones_like(calib).tolist()})
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
+            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "detail": ""}
+
+
+# ----------------------------------------------------------------------------- parent
+def prepare_data(samples: int, seq_len: int, windows: int, folder: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from qcore.data import WindowSpec, select_part, token_windows, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = WIKI.read_text()
+    head = tokenize(tokenizer, select_part(text, "head"))
+    tail = tokenize(tokenizer, select_part(text, "tail"))
+    calib = token_windows(head, WindowSpec(samples=samples, seq_len=seq_len))
+    eval_ids = token_windows(tail, WindowSpec(samples=windows, seq_len=seq_len))
+    out = Path(tempfile.mkdtemp(prefix="bench_gptq_"))
+    torch.save(calib, out / "calib.pt")
+    torch.save(eval_ids, out / "eval.pt")
+    return out / "calib.pt", out / "eval.pt"
+
+
+def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
+              model: Path) -> dict:
+    out = Path(tempfile.mkstemp(prefix=f"bench_gptq_{side}_", suffix=".json")[1])
+    cmd = [python, str(HERE), "--worker", side, "--calib", str(calib), "--eval", str(eval_ids),
+           "--model", str(model), "--result", str(out), "--group-size", str(a.group_size),
+           "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
+    if not a.act_order:
+        cmd.append("--no-act-order")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if side == "llmc":  # the peer's venv must not see qcore's packages
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return {"error": f"exit code {code}", "wall": wall, "rss_mb": usage.ru_maxrss / 1024}
+    result = json.loads(out.read_text())
+    result["wall"] = wall
+    result["rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4, help="qcore calibration batch")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-act-order", dest="act_order", action="store_false")
+    p.add_argument("--skip-peer", action="store_true", help="run qcore only")
+    p.add_argument("--skip-qcore", action="store_true", help="run llm-compressor only")
+    p.add_argument("--rtn", action="store_true", help="add a qcore RTN row (same scheme)")
+    p.add_argument("--worker", choices=["qcore", "qcore-rtn", "llmc"], help=argparse.SUPPRESS)
+    p.add_argument("--calib", help=argparse.SUPPRESS)
+    p.add_argument("--eval", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        result = (worker_llmc if a.worker == "llmc" else worker_qcore)(a)
+        Path(a.result).write_text(json.dumps(result))
+        return
+
+    from qcore.models.loading import smollm2_folder
+
+    folder = smollm2_folder()
+    calib, eval_ids = prepare_data(a.samples, a.seq_len, a.eval_windows, folder)
+    rows = []
+    if not a.skip_qcore:
+        rows.append(("qcore gptq", run_child(sys.executable, "qcore", a, calib, eval_ids,
+                                             folder)))
+    if a.rtn:
+        rows.append(("qcore rtn", run_child(sys.executable, "qcore-rtn", a, calib, eval_ids,
+                                            folder)))
+    if not a.skip_peer:
+        if not PEER_PYTHON.exists():
+            rows.append(("llm-compressor GPTQModifier", {"error": f"{PEER_PYTHON} missing"}))
+        else:
+            rows.append(("llm-compressor GPTQModifier",
+                         run_child(str(PEER_PYTHON), "llmc", a, calib, eval_ids, folder)))
+    order = "act-order + static groups" if a.act_order else "natural order"
+    print(f"\nSmolLM2-135M, W4A16 asym g{a.group_size}, {order}, calibration {a.samples} x "
+          f"{a.seq_len} (wiki head), perplexity on {a.eval_windows} x {a.seq_len} (wiki tail), "
+          f"{a.threads} threads")
+    print(f"{'method':<30} {'ppl':>8} {'quant s':>9} {'process s':>10} {'peak RSS MB':>12}  notes")
+    for name, r in rows:
+        if "error" in r:
+            print(f"{name:<30} failed: {r['error']}")
+            continue
+        print(f"{name:<30} {r['ppl']:>8.2f} {r['seconds']:>9.1f} {r['wall']:>10.1f} "
+              f"{r['rss_mb']:>12.0f}  {r.get('detail', '')}")
+
+
+if __name__ == "__main__":
+    main()
