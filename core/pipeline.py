@@ -27,7 +27,7 @@ from torch import nn
 
 from qcore.interfaces import Backend, Quantizer
 from qcore.models.adapter import ArchitectureAdapter
-from qcore.quant.linear import replace_module
+from qcore.quant.linear import QuantLinear, replace_module
 from qcore.reports import LayerReport, QuantizationReport
 from qcore.schemes import QuantScheme
 
@@ -184,6 +184,14 @@ class LayerContext:
         return stats
 
 
+def _drop_dequant_caches(layer: nn.Module) -> None:
+    """QuantLinear caches its dequantized weight for speed; during quantization it is only
+    needed for the layer being processed (it is rebuilt on the first later forward)."""
+    for module in layer.modules():
+        if isinstance(module, QuantLinear):
+            module._dequant_cache = None
+
+
 def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in zip(ref, out, strict=True))
     den = sum(float(r.float().pow(2).sum()) for r in ref)
@@ -251,8 +259,10 @@ def run_layerwise(
             q_outputs = ctx.forward()
             error = relative_mse(ctx.fp_outputs, q_outputs)
             inputs = q_outputs if propagation == "quantized" else ctx.fp_outputs
+            _drop_dequant_caches(layer)
             layer.to(backend.offload_device)
             backend.synchronize()
+            backend.empty_cache()
             layer_report = LayerReport(index=index, name=name, method=quantizer.name,
                                        relative_mse=error, seconds=time.perf_counter() - t0,
                                        stats=stats)

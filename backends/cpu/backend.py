@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from qcore.interfaces import Backend, MemoryStats
 from qcore.quant.linear import Kernel, QuantLinear
 from qcore_backends.cpu import int8, memory
@@ -46,3 +47,6 @@ class CPUBackend(Backend):
 
     def reset_peak_memory(self) -> None:
         memory.reset_peak_rss()
+
+    def empty_cache(self) -> None:
+        memory.release_freed_memory()

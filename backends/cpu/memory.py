@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 from pathlib import Path
@@ -39,3 +40,16 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Methods with many MB-sized temporaries (GPTQ's solver) fragment glibc's heap: on
+    SmolLM2 the resident set grew by up to ~0.5 GB over RTN's without a trim per layer."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,8 +12,6 @@ pass runs only the submodule.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from typing import Any
 
@@ -272,25 +270,11 @@ class GPTQQuantizer(Quantizer):
                 ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
                               ctx.name, name, result.loss, rtn, result.damp, acc.tokens)
             del stage
-        _release_freed_memory()
+        ctx.backend.empty_cache()  # the solver's temporaries fragment the heap
         stats["loss"] = total_loss
         stats["rtn_loss"] = total_rtn
         stats["hessian_seconds"] = hessian_seconds
         return stats
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    The solver's many MB-sized temporaries fragment glibc's heap; without a trim the
-    resident set of a SmolLM2 run grew by up to ~0.5 GB over RTN's (measured), with it
-    it stays at RTN's."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _build(linear: nn.Linear, result: Any, scheme: QuantScheme) -> QuantLinear:
