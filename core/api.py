@@ -103,13 +103,20 @@ def find_format(path: Path, plugins: PluginManager | None = None) -> type[Format
 
 
 def load_model(source: str, plugins: PluginManager | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict | None]:
-    """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one."""
+               dtype: torch.dtype = torch.float32, backend: str | None = "cpu"
+               ) -> tuple[nn.Module, Any, dict | None]:
+    """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one.
+
+    A quantized model gets ``backend``'s real kernels installed (as ``quantize`` does), so
+    it computes exactly what the saved model computed."""
     plugins = plugins or get_plugin_manager()
     path = Path(resolve_model_source(source))
     fmt = find_format(path, plugins) if path.is_dir() else None
     if fmt is not None:
-        return fmt().load(path, plugins.registry("module"))
+        model, tokenizer, meta = fmt().load(path, plugins.registry("module"))
+        if backend is not None:
+            build_backend(backend, plugins).install_kernels(model)
+        return model, tokenizer, meta
     model, tokenizer = load_float_model(str(path) if path.exists() else source, dtype)
     model.eval()
     return model, tokenizer, None

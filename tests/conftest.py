@@ -109,3 +109,12 @@ def smollm2(smollm2_master):
     """A fresh copy of SmolLM2-135M that a test may quantize in place."""
     model, tokenizer = smollm2_master
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,7 @@ from qcore.quant.qparams import fake_quantize_weight
 from qcore.schemes import get_scheme
 from qcore_awq.search import candidate_scale
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEME = get_scheme("W4A16", 32)

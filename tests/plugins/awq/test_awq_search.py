@@ -20,14 +20,7 @@ from qcore_awq.search import (
     search_scale,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARGS4 = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=32)

@@ -33,13 +33,7 @@ A = LlamaLikeAdapter
 ROLES = {"q": A.Q, "k": A.K, "v": A.V, "o": A.O, "gate": A.GATE, "up": A.UP, "down": A.DOWN}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared machine they lose a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_owners(model, seed=0):

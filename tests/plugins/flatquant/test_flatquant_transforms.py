@@ -15,14 +15,7 @@ from qcore_flatquant.transforms import (
     random_orthogonal,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared machine they lose a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n, sizes", [(1536, (32, 48)), (576, (24, 24)), (3584, (56, 64)),

@@ -16,14 +16,7 @@ from qcore.schemes import QuantArgs, QuantScheme, get_scheme
 from qcore_gptq.algorithm import HessianAccumulator, gptq_quantize
 from qcore_gptq.quantizer import GPTQConfig, GPTQQuantizer, _common_parent
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _run(model, plugins, calib_ids, method="gptq", options=None, scheme=None, backend=None,
          listeners=()):
