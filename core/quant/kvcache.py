@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from qcore.quant.linear import TransformSpec
+from qcore.quant.linear import TransformSpec, build_transform
 from qcore.quant.qparams import fake_quantize, qparams_lastdim
 from qcore.schemes import QuantArgs
 
@@ -127,12 +127,6 @@ def restore_kv_quantization(model: nn.Module, specs: dict[str, dict],
     register_attention()
     for name, raw in specs.items():
         spec = KVCacheSpec.model_validate(raw)
-        transform = None
-        if spec.key_transform is not None:
-            kind = spec.key_transform.type
-            if kind not in modules:
-                raise ValueError(f"{name}.qcore_kv needs module type {kind!r}, which no "
-                                 "installed plugin registers")
-            transform = modules[kind](**spec.key_transform.config)
+        transform = build_transform(spec.key_transform, modules, f"{name}.qcore_kv")
         model.get_submodule(name).qcore_kv = KVCacheQuantizer(spec, key_transform=transform)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

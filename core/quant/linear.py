@@ -41,6 +41,18 @@ class TransformSpec(BaseModel):
     config: dict[str, Any] = {}
 
 
+def build_transform(spec: TransformSpec | None, modules: dict[str, type[nn.Module]],
+                    owner: str) -> nn.Module | None:
+    """Rebuild a saved transform module from its spec through the registered module types
+    (the ``qcore_register_modules`` hook); ``owner`` names the layer in errors."""
+    if spec is None:
+        return None
+    if spec.type not in modules:
+        raise ValueError(f"{owner} needs module type {spec.type!r}, which no installed plugin "
+                         f"registers (known: {', '.join(modules) or 'none'})")
+    return modules[spec.type](**spec.config)
+
+
 class QuantLinearSpec(BaseModel):
     """Everything needed to rebuild an empty QuantLinear before loading its tensors."""
 

@@ -29,7 +29,7 @@ from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
 from qcore.quant.kvcache import kv_specs, restore_kv_quantization
-from qcore.quant.linear import QuantLinear, QuantLinearSpec, replace_module
+from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,13 +91,7 @@ class QcoreFormat(Format):
             config._attn_implementation = meta["attn_implementation"]
         for name, raw in meta["quantized_layers"].items():
             spec = QuantLinearSpec.model_validate(raw)
-            transform = None
-            if spec.input_transform is not None:
-                kind = spec.input_transform.type
-                if kind not in modules:
-                    raise ValueError(f"{name} needs module type {kind!r}, which no installed "
-                                     f"plugin registers (known: {', '.join(modules) or 'none'})")
-                transform = modules[kind](**spec.input_transform.config)
+            transform = build_transform(spec.input_transform, modules, name)
             replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
         restore_kv_quantization(model, meta.get("kv_cache", {}), modules)
         state = load_file(str(path / WEIGHTS_FILE))

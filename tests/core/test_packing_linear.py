@@ -70,3 +70,13 @@ def test_quant_linear_static_activation_buffers():
     q = QuantLinear.from_float(linear, QuantArgs(bits=8), activations=act)
     assert "input_scale" in dict(q.named_buffers())
     assert "in=8" in repr(q) and "int8 sym tensor" in repr(q)
+
+
+def test_build_transform_names_the_layer_and_the_missing_type():
+    from qcore.quant.linear import TransformSpec, build_transform
+
+    assert build_transform(None, {}, "x") is None
+    module = build_transform(TransformSpec(type="id", config={}), {"id": nn.Identity}, "x")
+    assert isinstance(module, nn.Identity)
+    with pytest.raises(ValueError, match="model.layers.0.q_proj needs module type 'kron'"):
+        build_transform(TransformSpec(type="kron"), {"id": nn.Identity}, "model.layers.0.q_proj")
