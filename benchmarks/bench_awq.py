@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -32,33 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import load_fp32, window_perplexity
+
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
 WIKI = Path("/work/shared/data/wiki_en.txt")
 
 
 # ----------------------------------------------------------------------------- both sides
-def eval_perplexity(model, eval_ids, batch_size: int = 4) -> float:
-    """exp of the mean next-token NLL over all windows (every position after the first)."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, eval_ids.shape[0], batch_size):
-            ids = eval_ids[start: start + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                                           reduction="sum"))
-            count += ids[:, 1:].numel()
-    return math.exp(total / count)
 
 
-def load_fp32(folder: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 # ----------------------------------------------------------------------------- workers
@@ -86,7 +68,7 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     ratios = [v for layer in report.layers for k, v in layer.stats.items()
               if k.endswith(".ratio")]
     detail = f"mean ratio {sum(ratios) / len(ratios):.2f}" if ratios else ""
-    return {"seconds": seconds, "ppl": eval_perplexity(model, eval_ids), "detail": detail}
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "detail": detail}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
@@ -118,7 +100,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "ppl": eval_perplexity(model, eval_ids), "detail": ""}
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "detail": ""}
 
 
 # ----------------------------------------------------------------------------- parent

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,32 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import load_fp32, window_perplexity
+
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
 WIKI = Path("/work/shared/data/wiki_en.txt")
 
 
-def perplexity(model, eval_ids, batch_size: int = 4) -> float:
-    """exp(mean NLL) over windows (rows of eval_ids), every position but the first scored."""
-    import torch
-    import torch.nn.functional as F
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(0, eval_ids.shape[0], batch_size):
-            batch = eval_ids[b: b + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                         batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-    return math.exp(nll / count)
 
 
-def _load_float(folder: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 # ----------------------------------------------------------------------------- workers
@@ -68,9 +50,9 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     calib = torch.load(a.calib)
     eval_ids = torch.load(a.eval)
-    model = _load_float(a.model)
+    model = load_fp32(a.model)
     if a.method == "fp32":
-        return {"seconds": 0.0, "ppl": perplexity(model, eval_ids)}
+        return {"seconds": 0.0, "ppl": window_perplexity(model, eval_ids)}
     plugins = PluginManager()
     scheme = get_scheme(a.scheme)
     options = json.loads(a.options)
@@ -82,7 +64,7 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
                **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds")
                   if k in r.stats}} for r in report.layers]
-    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "layers": layers}
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "layers": layers}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
@@ -95,7 +77,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     eval_ids = torch.load(a.eval)
-    model = _load_float(a.model)
+    model = load_fp32(a.model)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     scheme = QuantizationScheme(
         targets=["Linear"],
@@ -106,7 +88,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "ppl": perplexity(model, eval_ids)}
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
 
 
 # ----------------------------------------------------------------------------- parent

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,34 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import load_fp32, window_perplexity
+
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
 WIKI = Path("/work/shared/data/wiki_en.txt")
 
 
 # ----------------------------------------------------------------------------- shared
-def perplexity(model, eval_ids, batch_size: int = 1) -> float:
-    """exp(mean NLL) over windows (rows of eval_ids), every position but the first scored."""
-    import torch
-    import torch.nn.functional as F
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(0, eval_ids.shape[0], batch_size):
-            batch = eval_ids[b: b + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                         batch[:, 1:].reshape(-1), reduction="sum"))
-            count += batch[:, 1:].numel()
-    return math.exp(nll / count)
 
 
-def _load_float(folder: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- workers
@@ -70,7 +51,7 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     calib = torch.load(a.calib)
     eval_ids = torch.load(a.eval)
-    model = _load_float(a.model)
+    model = load_fp32(a.model)
     plugins = PluginManager()
     scheme = get_scheme("W4A16", a.group_size)
     method = a.worker.removeprefix("qcore-") if a.worker != "qcore" else "gptq"
@@ -84,7 +65,8 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
     detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
-    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "detail": detail}
+    ppl = window_perplexity(model, eval_ids, batch_size=1)
+    return {"seconds": seconds, "ppl": ppl, "detail": detail}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
@@ -98,7 +80,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
 
     calib = torch.load(a.calib)
     eval_ids = torch.load(a.eval)
-    model = _load_float(a.model)
+    model = load_fp32(a.model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
@@ -116,7 +98,8 @@ def worker_llmc(a: argparse.Namespace) -> dict:
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "ppl": perplexity(model, eval_ids), "detail": ""}
+    ppl = window_perplexity(model, eval_ids, batch_size=1)
+    return {"seconds": seconds, "ppl": ppl, "detail": ""}
 
 
 # ----------------------------------------------------------------------------- parent
