@@ -30,3 +30,27 @@ def load_fp32(folder: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def run_measured(cmd: list[str], result_file, peer: bool) -> dict:
+    """Run one benchmark side in its own process; its JSON result plus wall time and peak
+    RSS (os.wait4). ``peer``: keep qcore's environment out of the peer's interpreter."""
+    import json
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if peer:
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    result = {"error": f"exit code {code}"} if code else json.loads(Path(result_file).read_text())
+    result.update(wall=wall, rss_mb=usage.ru_maxrss / 1024)  # Linux reports kilobytes
+    return result

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, window_perplexity
+from _common import load_fp32, run_measured, window_perplexity
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
@@ -135,19 +133,7 @@ def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_i
            "--group-size", str(a.group_size), "--threads", str(a.threads),
            "--batch-size", str(a.batch_size), "--method", method,
            "--options", json.dumps(options or {})]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if side == "llmc":  # keep qcore's environment out of the peer's interpreter
-        env.pop("PYTHONPATH", None)
-        env.pop("VIRTUAL_ENV", None)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    result = {"error": f"exit code {code}"} if code else json.loads(out.read_text())
-    result.update(wall=wall, rss_mb=usage.ru_maxrss / 1024)  # Linux reports kilobytes
-    return result
+    return run_measured(cmd, out, peer=side == "llmc")
 
 
 def main() -> None:

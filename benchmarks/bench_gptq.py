@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, window_perplexity
+from _common import load_fp32, run_measured, window_perplexity
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
@@ -129,22 +127,7 @@ def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_i
            "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
     if not a.act_order:
         cmd.append("--no-act-order")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if side == "llmc":  # the peer's venv must not see qcore's packages
-        env.pop("PYTHONPATH", None)
-        env.pop("VIRTUAL_ENV", None)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        return {"error": f"exit code {code}", "wall": wall, "rss_mb": usage.ru_maxrss / 1024}
-    result = json.loads(out.read_text())
-    result["wall"] = wall
-    result["rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
-    return result
+    return run_measured(cmd, out, peer=side == "llmc")
 
 
 def main() -> None:
