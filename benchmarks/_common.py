@@ -32,6 +32,19 @@ def load_fp32(folder: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (VmHWM), MB; 0 where /proc is missing."""
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0.0
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
+    return 0.0
+
+
 def run_measured(cmd: list[str], result_file, peer: bool) -> dict:
     """Run one benchmark side in its own process; its JSON result plus wall time and peak
     RSS (os.wait4). ``peer``: keep qcore's environment out of the peer's interpreter."""

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity
+from _common import load_fp32, peak_rss_mb, run_measured, window_perplexity
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
@@ -41,6 +41,7 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     import torch
 
     from qcore.api import build_backend, build_quantizer
+    from qcore.config import parse_assignments
     from qcore.models.adapter import LlamaLikeAdapter
     from qcore.pipeline import check_group_size, run_layerwise
     from qcore.plugins import PluginManager
@@ -54,6 +55,8 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     scheme = get_scheme("W4A16", a.group_size)
     method = a.worker.removeprefix("qcore-") if a.worker != "qcore" else "gptq"
     options = {"act_order": a.act_order, "static_groups": a.act_order} if method == "gptq" else {}
+    if method == "gptq":
+        options.update(parse_assignments(a.qcore_set))
     quantizer = build_quantizer(method, scheme, options, plugins)
     adapter = LlamaLikeAdapter(model)
     check_group_size(model, adapter, scheme)
@@ -61,10 +64,11 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     report = run_layerwise(model, quantizer, adapter, build_backend("cpu", plugins), calib,
                            plugins=plugins, batch_size=a.batch_size, progress=False)
     seconds = time.perf_counter() - t0
+    quant_rss = peak_rss_mb()
     hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
     detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
     ppl = window_perplexity(model, eval_ids, batch_size=1)
-    return {"seconds": seconds, "ppl": ppl, "detail": detail}
+    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": detail}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
@@ -96,8 +100,9 @@ def worker_llmc(a: argparse.Namespace) -> dict:
             num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
+    quant_rss = peak_rss_mb()
     ppl = window_perplexity(model, eval_ids, batch_size=1)
-    return {"seconds": seconds, "ppl": ppl, "detail": ""}
+    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": ""}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -127,6 +132,8 @@ def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_i
            "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
     if not a.act_order:
         cmd.append("--no-act-order")
+    for item in a.qcore_set:
+        cmd += ["--qcore-set", item]
     return run_measured(cmd, out, peer=side == "llmc")
 
 
@@ -142,6 +149,8 @@ def main() -> None:
     p.add_argument("--skip-peer", action="store_true", help="run qcore only")
     p.add_argument("--skip-qcore", action="store_true", help="run llm-compressor only")
     p.add_argument("--rtn", action="store_true", help="add a qcore RTN row (same scheme)")
+    p.add_argument("--qcore-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra qcore gptq option, e.g. true_sequential=false (repeatable)")
     p.add_argument("--worker", choices=["qcore", "qcore-rtn", "llmc"], help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
     p.add_argument("--eval", help=argparse.SUPPRESS)
@@ -172,16 +181,21 @@ def main() -> None:
             rows.append(("llm-compressor GPTQModifier",
                          run_child(str(PEER_PYTHON), "llmc", a, calib, eval_ids, folder)))
     order = "act-order + static groups" if a.act_order else "natural order"
+    if a.qcore_set:
+        order += f"; qcore gptq {' '.join(a.qcore_set)}"
     print(f"\nSmolLM2-135M, W4A16 asym g{a.group_size}, {order}, calibration {a.samples} x "
           f"{a.seq_len} (wiki head), perplexity on {a.eval_windows} x {a.seq_len} (wiki tail), "
           f"{a.threads} threads")
-    print(f"{'method':<30} {'ppl':>8} {'quant s':>9} {'process s':>10} {'peak RSS MB':>12}  notes")
+    print("quant s / quant RSS: the quantization call and the process's peak RSS up to its end "
+          "(model load included); process: the whole child, perplexity included")
+    print(f"{'method':<30} {'ppl':>8} {'quant s':>9} {'quant RSS MB':>13} {'process s':>10} "
+          f"{'process RSS MB':>15}  notes")
     for name, r in rows:
         if "error" in r:
             print(f"{name:<30} failed: {r['error']}")
             continue
-        print(f"{name:<30} {r['ppl']:>8.2f} {r['seconds']:>9.1f} {r['wall']:>10.1f} "
-              f"{r['rss_mb']:>12.0f}  {r.get('detail', '')}")
+        print(f"{name:<30} {r['ppl']:>8.2f} {r['seconds']:>9.1f} {r['quant_rss_mb']:>13.0f} "
+              f"{r['wall']:>10.1f} {r['rss_mb']:>15.0f}  {r.get('detail', '')}")
 
 
 if __name__ == "__main__":

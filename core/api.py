@@ -183,7 +183,8 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     try:
         report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=plugins,
                                propagation=config.propagation,
-                               batch_size=config.calibration.batch_size, progress=progress)
+                               batch_size=config.calibration.batch_size,
+                               error_windows=config.error_windows, progress=progress)
     finally:
         for name in names:
             plugins.remove_plugin(name)

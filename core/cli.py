@@ -91,8 +91,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, key)
         if value is not None:
             cal[key] = value
-    for key in ("model", "method", "scheme", "group_size", "backend", "propagation", "save",
-                "format"):
+    for key in ("model", "method", "scheme", "group_size", "backend", "propagation",
+                "error_windows", "save", "format"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -107,7 +107,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 def _layer_table(report) -> Table:
     table = Table(title=f"{report.method}: per-layer reconstruction")
     table.add_column("layer")
-    table.add_column("relative MSE", justify="right")
+    windows = report.layers[0].error_windows if report.layers else 0
+    table.add_column(f"relative MSE ({windows} windows)", justify="right")
     table.add_column("seconds", justify="right")
     for layer in report.layers:
         table.add_row(layer.name, f"{layer.relative_mse:.3e}", f"{layer.seconds:.2f}")
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--backend")
     p.add_argument("--propagation", choices=["quantized", "full"])
+    p.add_argument("--error-windows", type=int, dest="error_windows",
+                   help="calibration windows each layer's relative MSE is measured on "
+                        "(default 4)")
     p.add_argument("--save", help="output folder (written atomically)")
     p.add_argument("--format")
     p.add_argument("--json", action="store_true")

@@ -35,6 +35,9 @@ class RunConfig(BaseModel):
     calibration: CalibrationConfig = CalibrationConfig()
     backend: str = "cpu"
     propagation: Literal["quantized", "full"] | None = None
+    error_windows: int | None = Field(
+        default=4, gt=0, description="calibration windows each layer's relative MSE is "
+                                     "measured on (null: all)")
     save: str | None = None
     format: str = "qcore"
 

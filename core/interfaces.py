@@ -46,6 +46,10 @@ class Quantizer(ABC):
     #: "quantized": each layer's inputs come from the already-quantized previous layers;
     #: "full": from the full-precision model (methods that train against fp targets).
     propagation: ClassVar[Literal["quantized", "full"]] = "quantized"
+    #: True if :meth:`quantize_layer` reads ``ctx.fp_outputs`` (the float layer's outputs on
+    #: every calibration batch); otherwise the pipeline computes them only for the windows
+    #: it measures the layer's error on, which saves a full layer forward per layer.
+    needs_fp_outputs: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, scheme: QuantScheme) -> None:
         self.config = config
@@ -137,6 +141,11 @@ class Backend(ABC):
 
     def empty_cache(self) -> None:
         pass
+
+    def release_host_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Hint that these host tensors (a layer's replaced float weights) are not read
+        again, so their memory can go back to the OS even while other tensors from the
+        same memory-mapped checkpoint stay alive. Must not change any tensor's values."""
 
 
 # ----------------------------------------------------------------------------- evaluator

@@ -4,10 +4,13 @@
    inputs (hidden states plus the keyword arguments the model passes: position
    embeddings, masks).
 2. For each decoder layer: move it to the backend's device, compute its full-precision
-   outputs, let the quantizer transform and quantize it (collecting statistics through
-   forward hooks via :class:`LayerContext`), compute the quantized outputs and the
-   relative reconstruction error, pick the next layer's inputs (quantized outputs by
-   default, full-precision ones on request), move the layer back, fire the event hook.
+   outputs (on every batch when the quantizer or full-precision propagation needs them,
+   else only on the first ``error_windows`` windows, where the error is measured), let the
+   quantizer transform and quantize it (collecting statistics through forward hooks via
+   :class:`LayerContext`), compute the quantized outputs and the relative reconstruction
+   error, pick the next layer's inputs (quantized outputs by default, full-precision ones
+   on request), move the layer back, let the backend release the host memory of the
+   float tensors the layer no longer holds, fire the event hook.
 
 Only one decoder layer and the activation cache live on the device at a time.
 """
@@ -27,7 +30,7 @@ from torch import nn
 
 from qcore.interfaces import Backend, Quantizer
 from qcore.models.adapter import ArchitectureAdapter
-from qcore.quant.linear import QuantLinear, replace_module
+from qcore.quant.linear import cached_dequantization, replace_module
 from qcore.reports import LayerReport, QuantizationReport
 from qcore.schemes import QuantScheme
 
@@ -128,12 +131,23 @@ class LayerContext:
     layer: nn.Module
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    fp_outputs: list[torch.Tensor]
     adapter: ArchitectureAdapter
     scheme: QuantScheme
     backend: Backend
     plugins: Any = None
     log: logging.Logger = field(default_factory=lambda: log)
+    #: the float layer's outputs on the first len(reference_outputs) batches
+    reference_outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def fp_outputs(self) -> list[torch.Tensor]:
+        """The float layer's outputs on every calibration batch."""
+        if len(self.reference_outputs) != len(self.inputs):
+            raise RuntimeError(
+                f"{self.name}: the pipeline computed full-precision outputs for "
+                f"{len(self.reference_outputs)} of {len(self.inputs)} batches; a quantizer "
+                f"that reads ctx.fp_outputs declares needs_fp_outputs = True")
+        return self.reference_outputs
 
     @torch.no_grad()
     def forward(
@@ -141,9 +155,11 @@ class LayerContext:
         hooks: dict[str, HookFn] | None = None,
         keep_outputs: bool = True,
         inputs: list[torch.Tensor] | None = None,
+        batches: int | None = None,
     ) -> list[torch.Tensor]:
-        """Run every cached batch through the layer; ``hooks[name](name, module, x, y)``
-        sees the input and output of submodule ``name`` for each batch."""
+        """Run every cached batch (or the first ``batches``) through the layer;
+        ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name``
+        for each batch."""
         handles = []
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
@@ -156,8 +172,9 @@ class LayerContext:
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         outputs = []
         try:
-            for x, kw in zip(inputs if inputs is not None else self.inputs, self.kwargs,
-                             strict=True):
+            pairs = list(zip(inputs if inputs is not None else self.inputs, self.kwargs,
+                             strict=True))
+            for x, kw in pairs[:batches]:
                 y = _hidden(self.layer(x, **kw))
                 if keep_outputs:
                     outputs.append(y)
@@ -184,16 +201,26 @@ class LayerContext:
         return stats
 
 
-def _drop_dequant_caches(layer: nn.Module) -> None:
-    """QuantLinear caches its dequantized weight for speed; during quantization it is only
-    needed for the layer being processed (it is rebuilt on the first later forward)."""
-    for module in layer.modules():
-        if isinstance(module, QuantLinear):
-            module._dequant_cache = None
+def _host_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"]
+
+
+def _error_batches(inputs: list[torch.Tensor], windows: int | None) -> int:
+    """How many leading batches cover at least ``windows`` windows (None: all)."""
+    if windows is None:
+        return len(inputs)
+    seen = 0
+    for b, x in enumerate(inputs):
+        seen += x.shape[0]
+        if seen >= windows:
+            return b + 1
+    return len(inputs)
 
 
 def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in zip(ref, out, strict=True))
+    """||out - ref||^2 / ||ref||^2 over the batches of ``ref`` (``out`` may have more batches)."""
+    pairs = zip(ref, out[:len(ref)], strict=True)
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in pairs)
     den = sum(float(r.float().pow(2).sum()) for r in ref)
     return num / max(den, 1e-30)
 
@@ -229,10 +256,18 @@ def run_layerwise(
     plugins: Any = None,
     propagation: Literal["quantized", "full"] | None = None,
     batch_size: int = 4,
+    error_windows: int | None = 4,
     progress: bool = True,
 ) -> QuantizationReport:
-    """Quantize ``model`` in place, one decoder layer at a time."""
+    """Quantize ``model`` in place, one decoder layer at a time.
+
+    ``error_windows``: calibration windows each layer's relative MSE is measured on (None:
+    all). Fewer spares a full-precision layer forward on the rest unless the quantizer or
+    ``propagation="full"`` needs every full-precision output anyway."""
     propagation = propagation or quantizer.propagation
+    if error_windows is not None and error_windows <= 0:
+        raise ValueError(f"error_windows must be positive or None, got {error_windows}")
+    all_fp = propagation == "full" or quantizer.needs_fp_outputs
     started = time.perf_counter()
     backend.reset_peak_memory()
     model.eval()
@@ -250,21 +285,30 @@ def run_layerwise(
             t0 = time.perf_counter()
             name = adapter.layer_prefix(index)
             bar.update(task, info=f"{name}")
+            host_before = _host_tensors(layer)
             layer.to(backend.device)
             ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs, kwargs=kwargs,
-                               fp_outputs=[], adapter=adapter, scheme=quantizer.scheme,
-                               backend=backend, plugins=plugins)
-            ctx.fp_outputs = ctx.forward()
-            stats = quantizer.quantize_layer(ctx) or {}
-            q_outputs = ctx.forward()
-            error = relative_mse(ctx.fp_outputs, q_outputs)
-            inputs = q_outputs if propagation == "quantized" else ctx.fp_outputs
-            _drop_dequant_caches(layer)
+                               adapter=adapter, scheme=quantizer.scheme, backend=backend,
+                               plugins=plugins)
+            n_error = _error_batches(inputs, error_windows)
+            windows = sum(x.shape[0] for x in inputs[:n_error])
+            need_q = propagation == "quantized"
+            with cached_dequantization():  # the layer runs several times; dequantize once
+                ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
+                stats = quantizer.quantize_layer(ctx) or {}
+                q_outputs = ctx.forward(batches=None if need_q else n_error)
+            error = relative_mse(ctx.reference_outputs[:n_error], q_outputs)
+            inputs = q_outputs if need_q else ctx.fp_outputs
+            del ctx, q_outputs
             layer.to(backend.offload_device)
+            kept = {t.data_ptr() for t in _host_tensors(layer)}
+            backend.release_host_tensors([t for t in host_before if t.data_ptr() not in kept])
+            del host_before
             backend.synchronize()
             backend.empty_cache()
             layer_report = LayerReport(index=index, name=name, method=quantizer.name,
                                        relative_mse=error, seconds=time.perf_counter() - t0,
+                                       error_windows=windows,
                                        stats=stats)
             report.layers.append(layer_report)
             if plugins is not None:

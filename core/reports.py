@@ -13,7 +13,11 @@ class LayerReport(BaseModel):
     index: int
     name: str
     method: str
-    relative_mse: float = Field(description="||y_q - y_fp||^2 / ||y_fp||^2 over calibration")
+    relative_mse: float = Field(
+        description="||y_q - y_fp||^2 / ||y_fp||^2 over the first error_windows calibration "
+                    "windows")
+    error_windows: int = Field(default=0, description="calibration windows relative_mse is "
+                                                     "measured on")
     seconds: float
     stats: dict[str, Any] = Field(default_factory=dict, description="per-method statistics")
 

@@ -53,3 +53,51 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file pages are just dropped)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed mappings, from /proc/self/maps."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        # address perms offset dev inode [path]; inode 0 = anonymous, "[heap]" etc. special
+        if len(fields) == 6 and fields[4] != "0" and not fields[5].startswith("["):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def page_out_file_backed(tensors: list) -> int:
+    """Drop the resident pages of these CPU tensors that live in a file mapping; returns
+    the bytes advised.
+
+    A checkpoint loaded through safetensors stays one memory map for as long as any of
+    its tensors lives (the embedding does, to the end), so a replaced float weight's pages
+    would stay resident. Clean file pages are dropped and re-read from the file if touched
+    again, so values never change; anonymous memory is left alone (no swapping of heap
+    that the allocator may hand out again)."""
+    if not sys.platform.startswith("linux") or not tensors:
+        return 0
+    try:
+        maps = _file_mappings()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = resource.getpagesize()
+    advised = 0
+    for t in tensors:
+        if t.is_contiguous():
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        for start, end in maps:
+            a = (max(lo, start) + page - 1) // page * page  # whole pages inside the tensor
+            b = min(hi, end) // page * page
+            if b > a and libc.madvise(a, b - a, _MADV_PAGEOUT) == 0:
+                advised += b - a
+    return advised

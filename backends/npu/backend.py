@@ -84,6 +84,9 @@ class NPUBackend(Backend):
         if npu is not None:
             npu.synchronize()
 
+    def release_host_tensors(self, tensors: list[torch.Tensor]) -> None:
+        memory.page_out_file_backed(tensors)
+
     def empty_cache(self) -> None:
         npu = self._npu()
         if npu is not None:

@@ -8,11 +8,19 @@ per-tensor) and an optional online input transform (e.g. FlatQuant's Kronecker t
 ``forward`` runs ``self.kernel`` when a backend installed a real integer kernel, else the
 reference path: exact dequantization followed by a float matmul. The reference path is
 the numerical oracle every backend is tested against.
+
+The reference path dequantizes on every call, so a 4-bit model stays 4-bit in memory
+(a float32 copy of every weight would be 9x the packed size). Inside
+:func:`cached_dequantization` each layer keeps its dequantized weight between calls; the
+pipeline uses it for the layer it is working on, a user can wrap an evaluation in it to
+trade that memory for speed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -31,6 +39,23 @@ from qcore.quant.qparams import (
 from qcore.schemes import QuantArgs
 
 Kernel = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
+
+#: the layers that cached their weight inside the innermost cached_dequantization()
+_CACHING: ContextVar[list[QuantLinear] | None] = ContextVar("qcore_dequant_cache", default=None)
+
+
+@contextmanager
+def cached_dequantization() -> Iterator[None]:
+    """Inside the block a QuantLinear's reference path keeps its dequantized weight between
+    calls (float copies of every weight used); they are dropped when the block ends."""
+    cached: list[QuantLinear] = []
+    token = _CACHING.set(cached)
+    try:
+        yield
+    finally:
+        _CACHING.reset(token)
+        for module in cached:
+            module._dequant_cache = None
 
 
 class TransformSpec(BaseModel):
@@ -154,10 +179,14 @@ class QuantLinear(nn.Module):
 
     def _reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         cache = self._dequant_cache
-        if cache is None or cache.device != self.qweight.device or cache.dtype != dtype:
-            cache = self.dequantize().to(dtype)
-            self._dequant_cache = cache
-        return cache
+        if cache is not None and cache.device == self.qweight.device and cache.dtype == dtype:
+            return cache
+        weight = self.dequantize().to(dtype)
+        caching = _CACHING.get()
+        if caching is not None:
+            self._dequant_cache = weight
+            caching.append(self)
+        return weight
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Online transform then activation fake quantization (the reference path)."""

@@ -109,8 +109,21 @@ def quantize_weight(
 def dequantize_weight(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
+    """``(codes - zero) * scale`` with each column's parameters from its group, in the
+    scale's float dtype (at least float32)."""
+    rows, cols = codes.shape
+    n_groups = scale.shape[1]
+    dtype = torch.promote_types(scale.dtype, torch.float32)
+    w = codes.to(dtype, copy=True)  # worked on in place below
+    size = cols // n_groups
+    natural = cols % n_groups == 0 and torch.equal(
+        g_idx.long(), torch.arange(cols, device=g_idx.device) // size)
+    if natural:  # contiguous groups: broadcast per group instead of gathering per column
+        groups = w.view(rows, n_groups, size)
+        groups.sub_(zero.to(dtype).unsqueeze(-1)).mul_(scale.to(dtype).unsqueeze(-1))
+        return w
     idx = g_idx.long()
-    return dequantize(codes.float(), scale[:, idx], zero[:, idx])
+    return w.sub_(zero.to(dtype).index_select(1, idx)).mul_(scale.to(dtype).index_select(1, idx))
 
 
 def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -491,6 +491,7 @@ class FlatQuantQuantizer(Quantizer):
     Config = FlatQuantConfig
     description = "learned Kronecker affine transforms + learned clipping, per layer (W4A4/W8A8)"
     propagation = "full"
+    needs_fp_outputs = True  # the training targets
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         act = scheme.activations

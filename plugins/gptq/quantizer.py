@@ -24,7 +24,14 @@ from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
 from qcore.quant.qparams import fake_quantize_weight, qparams_from_range
 from qcore.schemes import QuantScheme
-from qcore_gptq.algorithm import HessianAccumulator, MSEClip, gptq_quantize, objective
+from qcore_gptq.algorithm import (
+    HessianAccumulator,
+    HessianFactor,
+    MSEClip,
+    factor_hessian,
+    gptq_quantize,
+    objective,
+)
 
 
 class GPTQConfig(BaseModel):
@@ -93,10 +100,13 @@ class _Stop(Exception):
 class _Stage:
     """One forward pass collecting the Hessians (and input ranges) of one group."""
 
-    def __init__(self, ctx: LayerContext, members: list[str], track_absmax: bool) -> None:
+    def __init__(self, ctx: LayerContext, members: list[str], track_absmax: bool,
+                 keep: str | None = None) -> None:
         self.ctx = ctx
         self.members = members
         self.track_absmax = track_absmax
+        self.keep = keep  # a member whose input is kept per batch in self.kept
+        self.kept: list[torch.Tensor] = []
         self.hessians: dict[str, HessianAccumulator] = {}
         self.absmax: dict[str, torch.Tensor] = {}
         self.alias: dict[str, str] = {}  # member -> member whose input it shares
@@ -112,6 +122,8 @@ class _Stage:
 
         def pre_hook(module: nn.Module, margs: tuple, _n: str) -> None:
             x = margs[0]
+            if _n == self.keep:
+                self.kept.append(x)
             seen: dict[str, torch.Tensor] = state["seen"]
             if state["batch"] == 0:
                 source = next((m for m, t in seen.items() if t is x and m not in self.alias),
@@ -218,6 +230,7 @@ class GPTQQuantizer(Quantizer):
         groups = self._groups(ctx)
         stats: dict[str, Any] = {}
         entry, entry_inputs = "", None
+        o_inputs: list[torch.Tensor | None] | None = None
         hessian_seconds = 0.0
         total_loss = 0.0
         total_rtn = 0.0
@@ -232,20 +245,38 @@ class GPTQQuantizer(Quantizer):
                 if parent and _inside(parent, entry):
                     capture = parent
             t0 = time.perf_counter()
-            stage = _Stage(ctx, group, static_act)
+            if o_inputs is not None and capture == _mlp_of(ctx.adapter):
+                rebuilt = _mlp_inputs_from_o(ctx, o_inputs)
+                if rebuilt is not None:
+                    entry, entry_inputs = capture, rebuilt
+                del rebuilt
+            o_inputs = None
+            keep = None
+            if k + 1 < len(groups) and _mlp_of(ctx.adapter) and group == [ctx.adapter.O]:
+                keep = ctx.adapter.O
+            stage = _Stage(ctx, group, static_act, keep=keep)
             captured = stage.run(entry, entry_inputs, capture)
+            entry_inputs = None  # let the previous pass's activations go
+            if keep is not None and len(stage.kept) == len(ctx.inputs):
+                o_inputs, stage.kept = stage.kept, []
             hessian_seconds += time.perf_counter() - t0
             entry, entry_inputs = (capture, captured) if capture else ("", None)
+            del captured
+            factors: dict[int, HessianFactor] = {}  # one per shared Hessian
             for name in group:
                 t1 = time.perf_counter()
                 linear = ctx.submodule(name)
                 acc = stage.hessian(name)
+                if id(acc) not in factors:
+                    factors[id(acc)] = factor_hessian(
+                        acc.H, act_order=cfg.act_order, damp=cfg.damp, damp_step=cfg.damp_step,
+                        damp_max_steps=cfg.damp_max_steps, cholesky=ctx.backend.cholesky,
+                        cholesky_inverse=ctx.backend.cholesky_inverse,
+                        name=f"{ctx.name}.{name}")
                 result = gptq_quantize(
                     linear.weight, acc.H, self.scheme.weights, block_size=cfg.block_size,
-                    act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
-                    damp_step=cfg.damp_step, damp_max_steps=cfg.damp_max_steps, mse=mse,
-                    cholesky=ctx.backend.cholesky, cholesky_inverse=ctx.backend.cholesky_inverse,
-                    name=f"{ctx.name}.{name}")
+                    act_order=cfg.act_order, static_groups=cfg.static_groups, mse=mse,
+                    factor=factors[id(acc)], name=f"{ctx.name}.{name}")
                 rtn = objective(linear.weight,
                                 fake_quantize_weight(linear.weight.float(), self.scheme.weights),
                                 acc.H)
@@ -269,12 +300,52 @@ class GPTQQuantizer(Quantizer):
                 stats[f"{name}.seconds"] = time.perf_counter() - t1
                 ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
                               ctx.name, name, result.loss, rtn, result.damp, acc.tokens)
-            del stage
+            del stage, factors
         ctx.backend.empty_cache()  # the solver's temporaries fragment the heap
         stats["loss"] = total_loss
         stats["rtn_loss"] = total_rtn
         stats["hessian_seconds"] = hessian_seconds
         return stats
+
+
+def _mlp_of(adapter: Any) -> str | None:
+    """The MLP submodule when the adapter names a Llama-layout decoder layer, else None."""
+    names = [getattr(adapter, a, None) for a in ("MLP", "O", "NORM2")]
+    return names[0] if all(isinstance(n, str) for n in names) else None
+
+
+def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
+                       ) -> list[tuple[tuple, dict]] | None:
+    """The MLP's inputs of a pre-norm residual layer, ``norm2(x + o_proj(o_in))``, from the
+    o_proj inputs kept by the previous pass: the gate/up pass then skips q/k/v and the
+    attention. Checked against the real layer on the first batch; None (run the layer)
+    when the layer computes something else."""
+    adapter = ctx.adapter
+    o_proj, norm = ctx.submodule(adapter.O), ctx.submodule(adapter.NORM2)
+    real: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, margs: tuple) -> None:
+        real.append(margs[0])
+        raise _Stop
+
+    handle = ctx.submodule(adapter.MLP).register_forward_pre_hook(stop)
+    try:
+        ctx.layer(ctx.inputs[0], **ctx.kwargs[0])
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not real or not torch.allclose(norm(ctx.inputs[0] + o_proj(o_inputs[0])), real[0],
+                                      rtol=1e-5, atol=1e-6):
+        ctx.log.debug("%s: the MLP input is not norm2(x + o_proj(o_in)); running the layer",
+                      ctx.name)
+        return None
+    rebuilt = [((real[0],), {})]
+    o_inputs[0] = None  # consumed as we go: one extra activation buffer, not two
+    for b in range(1, len(o_inputs)):
+        rebuilt.append(((norm(ctx.inputs[b] + o_proj(o_inputs[b])),), {}))
+        o_inputs[b] = None
+    return rebuilt
 
 
 def _build(linear: nn.Linear, result: Any, scheme: QuantScheme) -> QuantLinear:

@@ -21,13 +21,15 @@ def test_quantize_then_evaluate_saved_model(tiny_folder, capsys):
     rc = main(["quantize", "--model", str(tiny_folder / "tiny"), "--method", "rtn",
                "--scheme", "W4A16", "--group-size", "32", "--calib",
                str(tiny_folder / "calib.txt"), "--samples", "4", "--seq-len", "32",
-               "--save", str(out), "--json"])
+               "--batch-size", "1", "--error-windows", "2", "--save", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "rtn" and summary["saved"] == str(out)
     assert len(summary["layers"]) == 2 and summary["layers"][0]["relative_mse"] > 0
+    assert summary["layers"][0]["error_windows"] == 2
     meta = json.loads((out / "qcore.json").read_text())
     assert meta["run"]["calibration"]["samples"] == 4 and meta["run"]["group_size"] == 32
+    assert meta["run"]["error_windows"] == 2
 
     rc = main(["evaluate", "--model", str(out), "--data", str(tiny_folder / "calib.txt"),
                "--seq-len", "32", "--windows", "3", "--json"])

@@ -80,3 +80,42 @@ def test_build_transform_names_the_layer_and_the_missing_type():
     assert isinstance(module, nn.Identity)
     with pytest.raises(ValueError, match="model.layers.0.q_proj needs module type 'kron'"):
         build_transform(TransformSpec(type="kron"), {"id": nn.Identity}, "model.layers.0.q_proj")
+
+
+@pytest.mark.parametrize("order", ["natural", "permuted"])
+def test_dequantize_matches_the_per_column_formula(order):
+    """The contiguous-groups fast path and the gather path give (codes - z[g]) * s[g]
+    exactly, and leave float codes passed in untouched."""
+    from qcore.quant.qparams import dequantize_weight
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (6, 32), generator=gen).float()
+    scale = torch.rand(6, 4, generator=gen) + 0.1
+    zero = torch.randint(0, 16, (6, 4), generator=gen).float()
+    g_idx = torch.arange(32) // 8
+    if order == "permuted":
+        g_idx = g_idx[torch.randperm(32, generator=gen)]
+    before = codes.clone()
+    got = dequantize_weight(codes, scale, zero, g_idx.int())
+    expected = torch.stack([(codes[:, j] - zero[:, g]) * scale[:, g]
+                            for j, g in enumerate(g_idx.tolist())], dim=1)
+    assert torch.equal(got, expected)
+    assert torch.equal(codes, before)
+
+
+def test_dequantized_weight_is_cached_only_inside_the_context():
+    from qcore.quant.linear import cached_dequantization
+
+    linear = nn.Linear(32, 8)
+    q = QuantLinear.from_float(linear, QuantArgs(bits=4, granularity="group", group_size=16))
+    x = torch.randn(3, 32)
+    plain = q(x)
+    assert q._dequant_cache is None  # a 4-bit layer stays 4-bit in memory
+    with cached_dequantization():
+        first = q(x)
+        cache = q._dequant_cache
+        assert cache is not None
+        q(x)
+        assert q._dequant_cache is cache  # dequantized once
+    assert q._dequant_cache is None
+    assert torch.equal(first, plain)

@@ -99,3 +99,80 @@ def test_group_size_that_does_not_divide_is_reported_with_layer_names(tiny_llama
     assert "group_size 128" in msg and "self_attn.q_proj (64)" in msg and "mlp.down_proj" \
         not in msg
     check_group_size(tiny_llama, adapter, get_scheme("W4A16", group_size=32))
+
+
+@pytest.mark.parametrize("error_windows, expected_windows", [(None, 8), (4, 4), (3, 4), (1, 2)])
+def test_error_is_measured_on_the_first_windows(tiny_llama, plugins, calib_ids, error_windows,
+                                                expected_windows):
+    """relative_mse covers the first batches holding error_windows windows (batch size 2)."""
+    import copy
+
+    fp = copy.deepcopy(tiny_llama.model.layers[0])
+    hidden, kwargs = capture_first_layer_inputs(
+        tiny_llama, api.adapter_for(tiny_llama, plugins), calib_ids,
+        api.build_backend("cpu", plugins), 2)
+    quantizer, adapter, backend = _setup(tiny_llama, plugins, "rtn", "W4A16")
+    quantizer.scheme = get_scheme("W4A16", group_size=32)
+    report = run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids, plugins=plugins,
+                           batch_size=2, error_windows=error_windows, progress=False)
+
+    def outputs(layer):
+        ys = [layer(h, **kw) for h, kw in zip(hidden, kwargs, strict=True)]
+        return torch.cat([y[0] if isinstance(y, tuple) else y for y in ys])[:expected_windows]
+
+    ref, q = outputs(fp), outputs(tiny_llama.model.layers[0])
+    expected = float((q - ref).pow(2).sum() / ref.pow(2).sum())
+    assert report.layers[0].error_windows == expected_windows
+    assert report.layers[0].relative_mse == pytest.approx(expected, rel=1e-4)
+
+
+def test_error_windows_must_be_positive(tiny_llama, plugins, calib_ids):
+    quantizer, adapter, backend = _setup(tiny_llama, plugins)
+    with pytest.raises(ValueError, match="error_windows must be positive"):
+        run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids, error_windows=0,
+                      progress=False)
+
+
+class ReadsTargets(Quantizer):
+    name = "reads-targets"
+
+    def quantize_layer(self, ctx):
+        return {"targets": len(ctx.fp_outputs), "batches": len(ctx.inputs)}
+
+
+def test_fp_outputs_need_a_declaration(tiny_llama, plugins, calib_ids):
+    adapter = api.adapter_for(tiny_llama, plugins)
+    backend = api.build_backend("cpu", plugins)
+    quantizer = ReadsTargets(ReadsTargets.Config(), get_scheme("W8A16"))
+    with pytest.raises(RuntimeError, match="declares needs_fp_outputs = True"):
+        run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids, batch_size=2,
+                      progress=False)
+    ReadsTargets.needs_fp_outputs = True
+    try:
+        report = run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids,
+                               batch_size=2, progress=False)
+    finally:
+        ReadsTargets.needs_fp_outputs = False
+    assert report.layers[0].stats == {"targets": 4, "batches": 4}
+
+
+def test_replaced_float_weights_are_handed_to_the_backend(tiny_llama, plugins, calib_ids):
+    """After each layer the backend may release the host memory of the tensors the layer
+    no longer holds: the replaced linears' weights, not the norms it keeps."""
+    from qcore_backends.cpu.backend import CPUBackend
+
+    released: list[list[torch.Tensor]] = []
+
+    class Spy(CPUBackend):
+        def release_host_tensors(self, tensors):
+            released.append(list(tensors))
+            super().release_host_tensors(tensors)
+
+    layer = tiny_llama.model.layers[0]
+    weights = {id(layer.get_submodule(n).weight) for n in api.adapter_for(
+        tiny_llama, plugins).linear_names()}
+    quantizer = api.build_quantizer("rtn", get_scheme("W8A16"), {}, plugins)
+    run_layerwise(tiny_llama, quantizer, api.adapter_for(tiny_llama, plugins), Spy(),
+                  calib_ids, plugins=plugins, progress=False)
+    assert len(released) == len(tiny_llama.model.layers)
+    assert {id(t) for t in released[0]} == weights

@@ -103,7 +103,7 @@ def _run(model, scheme, calib_ids, plugins, **options):
     plugins.add_plugin(watch, name=f"watch-{id(watch)}")
     try:
         run_layerwise(model, quantizer, LlamaLikeAdapter(model), build_backend("cpu", plugins),
-                      calib_ids, plugins=plugins, batch_size=4, progress=False)
+                      calib_ids, plugins=plugins, batch_size=4, error_windows=None, progress=False)
     finally:
         plugins.remove_plugin(f"watch-{id(watch)}")
     return watch.reports

@@ -16,6 +16,7 @@ from qcore_gptq.algorithm import (
     CholeskyFailed,
     HessianAccumulator,
     MSEClip,
+    factor_hessian,
     find_params,
     gptq_quantize,
     objective,
@@ -254,3 +255,33 @@ def test_mse_clip_in_gptq_lowers_weight_error():
     plain = gptq_quantize(W, H, args)
     clipped = gptq_quantize(W, H, args, mse=MSEClip())
     assert clipped.loss < plain.loss
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4, 40])
+def test_hessian_upper_blocks_mirror_to_the_full_product(blocks):
+    """Only upper block rows are accumulated; H must still be the full symmetric product,
+    also when H is read between updates (the lower half is rebuilt on every read)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(90, 37, generator=gen)
+    acc = HessianAccumulator(37, blocks=blocks)
+    acc.add(x[:50])
+    first = x[:50].double()
+    assert torch.allclose(acc.H.double(), 2 * first.T @ first / 50, rtol=1e-5, atol=1e-5)
+    acc.add(x[50:])
+    full = x.double()
+    H = acc.H
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), 2 * full.T @ full / 90, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_hessian_factor_gives_the_same_result():
+    W, H, _ = _problem(rows=24, cols=64, seed=4)
+    args = _args(group=16)
+    factor = factor_hessian(H, act_order=True)
+    for seed in (4, 5):  # two weights sharing one input, as q/k/v do
+        W = _problem(rows=24, cols=64, seed=seed)[0]
+        shared = gptq_quantize(W, H, args, act_order=True, static_groups=True, factor=factor)
+        own = gptq_quantize(W, H, args, act_order=True, static_groups=True)
+        assert torch.equal(shared.Q, own.Q) and torch.equal(shared.g_idx, own.g_idx)
+    with pytest.raises(ValueError, match="layer7: the given Hessian factor"):
+        gptq_quantize(W, H, args, act_order=False, factor=factor, name="layer7")
