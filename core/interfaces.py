@@ -142,10 +142,11 @@ class Backend(ABC):
     def empty_cache(self) -> None:
         pass
 
-    def release_host_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """Hint that these host tensors (a layer's replaced float weights) are not read
-        again, so their memory can go back to the OS even while other tensors from the
-        same memory-mapped checkpoint stay alive. Must not change any tensor's values."""
+    def release_host_memory(self, ranges: list[tuple[int, int]]) -> None:
+        """Hint that these (address, bytes) ranges of host memory, where a layer's replaced
+        float tensors lived, are not needed any more, so they can go back to the OS even
+        while other tensors of the same memory-mapped checkpoint stay alive. A hint only:
+        it must not change the contents of memory that is still in use."""
 
 
 # ----------------------------------------------------------------------------- evaluator

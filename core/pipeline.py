@@ -201,8 +201,14 @@ class LayerContext:
         return stats
 
 
-def _host_tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu"]
+def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
+    """(address, bytes) of the module's tensors in host memory (whole storages)."""
+    ranges = set()
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu" and t.numel():
+            storage = t.untyped_storage()
+            ranges.add((storage.data_ptr(), storage.nbytes()))
+    return ranges
 
 
 def _error_batches(inputs: list[torch.Tensor], windows: int | None) -> int:
@@ -285,7 +291,7 @@ def run_layerwise(
             t0 = time.perf_counter()
             name = adapter.layer_prefix(index)
             bar.update(task, info=f"{name}")
-            host_before = _host_tensors(layer)
+            host_before = _host_ranges(layer)
             layer.to(backend.device)
             ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs, kwargs=kwargs,
                                adapter=adapter, scheme=quantizer.scheme, backend=backend,
@@ -301,9 +307,7 @@ def run_layerwise(
             inputs = q_outputs if need_q else ctx.fp_outputs
             del ctx, q_outputs
             layer.to(backend.offload_device)
-            kept = {t.data_ptr() for t in _host_tensors(layer)}
-            backend.release_host_tensors([t for t in host_before if t.data_ptr() not in kept])
-            del host_before
+            backend.release_host_memory(sorted(host_before - _host_ranges(layer)))
             backend.synchronize()
             backend.empty_cache()
             layer_report = LayerReport(index=index, name=name, method=quantizer.name,

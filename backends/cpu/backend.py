@@ -48,8 +48,8 @@ class CPUBackend(Backend):
     def reset_peak_memory(self) -> None:
         memory.reset_peak_rss()
 
-    def release_host_tensors(self, tensors: list[torch.Tensor]) -> None:
-        memory.page_out_file_backed(tensors)
+    def release_host_memory(self, ranges: list[tuple[int, int]]) -> None:
+        memory.page_out_file_backed(ranges)
 
     def empty_cache(self) -> None:
         memory.release_freed_memory()

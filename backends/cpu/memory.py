@@ -70,16 +70,16 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def page_out_file_backed(tensors: list) -> int:
-    """Drop the resident pages of these CPU tensors that live in a file mapping; returns
-    the bytes advised.
+def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
+    """Drop the resident pages of these (address, bytes) ranges that lie in a file
+    mapping; returns the bytes advised.
 
     A checkpoint loaded through safetensors stays one memory map for as long as any of
     its tensors lives (the embedding does, to the end), so a replaced float weight's pages
     would stay resident. Clean file pages are dropped and re-read from the file if touched
-    again, so values never change; anonymous memory is left alone (no swapping of heap
+    again, so contents never change; anonymous memory is left alone (no swapping of heap
     that the allocator may hand out again)."""
-    if not sys.platform.startswith("linux") or not tensors:
+    if not sys.platform.startswith("linux") or not ranges:
         return 0
     try:
         maps = _file_mappings()
@@ -89,15 +89,10 @@ def page_out_file_backed(tensors: list) -> int:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = resource.getpagesize()
     advised = 0
-    for t in tensors:
-        if t.is_contiguous():
-            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        else:
-            storage = t.untyped_storage()
-            lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for lo, size in ranges:
         for start, end in maps:
-            a = (max(lo, start) + page - 1) // page * page  # whole pages inside the tensor
-            b = min(hi, end) // page * page
+            a = (max(lo, start) + page - 1) // page * page  # whole pages inside the range
+            b = min(lo + size, end) // page * page
             if b > a and libc.madvise(a, b - a, _MADV_PAGEOUT) == 0:
                 advised += b - a
     return advised

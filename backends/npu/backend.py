@@ -84,8 +84,8 @@ class NPUBackend(Backend):
         if npu is not None:
             npu.synchronize()
 
-    def release_host_tensors(self, tensors: list[torch.Tensor]) -> None:
-        memory.page_out_file_backed(tensors)
+    def release_host_memory(self, ranges: list[tuple[int, int]]) -> None:
+        memory.page_out_file_backed(ranges)
 
     def empty_cache(self) -> None:
         npu = self._npu()
