@@ -1,10 +1,15 @@
 """Helpers every method benchmark shares, on both sides (qcore's venv and the peer's).
 
-Imports nothing from qcore: the peer's side runs in llm-compressor's own environment."""
+Imports nothing from qcore at import time: the peer's side runs in llm-compressor's own
+environment (only the parent's write_wiki_windows uses qcore, inside the function)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+#: the standard calibration/evaluation text (DESIGN.md), beside the project's checkout
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_en.txt"
 
 
 def window_perplexity(model, eval_ids, batch_size: int = 4) -> float:
@@ -33,16 +38,46 @@ def load_fp32(folder: str):
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far (VmHWM), MB; 0 where /proc is missing."""
+    """This process's peak resident set so far, MB (VmHWM; getrusage without /proc)."""
+    import resource
     from pathlib import Path
 
     status = Path("/proc/self/status")
-    if not status.exists():
-        return 0.0
-    for line in status.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024
-    return 0.0
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def write_wiki_windows(folder, seq_len: int, eval_windows: int, calib_samples,
+                       workdir) -> tuple[dict, object]:
+    """Token-id files of the standard wiki setting, written once in the parent so the peer
+    never imports qcore: ``calib{N}.pt`` with N consecutive calibration windows of the
+    head for each N in ``calib_samples``, and ``eval.pt`` with the first ``eval_windows``
+    windows of the tail (tokenized at once). Returns ({N: path}, eval path).
+
+    Parent side only: it imports qcore."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from qcore.data import WindowSpec, select_part, token_windows, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = WIKI.read_text()
+    head = tokenize(tokenizer, select_part(text, "head"))
+    tail = tokenize(tokenizer, select_part(text, "tail"))
+    workdir = Path(workdir)
+    calib = {}
+    for n in sorted(set(calib_samples)):
+        calib[n] = workdir / f"calib{n}.pt"
+        torch.save(token_windows(head, WindowSpec(samples=n, seq_len=seq_len)), calib[n])
+    eval_file = workdir / "eval.pt"
+    torch.save(token_windows(tail, WindowSpec(samples=eval_windows, seq_len=seq_len)),
+               eval_file)
+    return calib, eval_file
 
 
 def run_measured(cmd: list[str], result_file, peer: bool) -> dict:

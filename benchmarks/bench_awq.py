@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity
+from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
-WIKI = Path("/work/shared/data/wiki_en.txt")
 
 
 # ----------------------------------------------------------------------------- both sides
@@ -102,28 +101,6 @@ def worker_llmc(a: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def prepare_data(a: argparse.Namespace, folder: Path) -> dict[int, Path]:
-    """Token-id files: calibration windows for each sample count, plus the eval windows."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from qcore.data import WindowSpec, select_part, token_windows, tokenize
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = WIKI.read_text()
-    head = tokenize(tokenizer, select_part(text, "head"))
-    tail = tokenize(tokenizer, select_part(text, "tail"))
-    out = Path(tempfile.mkdtemp(prefix="bench_awq_"))
-    files = {}
-    for n in {a.samples, a.peer_samples}:
-        files[n] = out / f"calib{n}.pt"
-        torch.save(token_windows(head, WindowSpec(samples=n, seq_len=a.seq_len)), files[n])
-    files[0] = out / "eval.pt"
-    torch.save(token_windows(tail, WindowSpec(samples=a.eval_windows, seq_len=a.seq_len)),
-               files[0])
-    return files
-
-
 def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
               model: Path, bits: int, method: str = "awq", options: dict | None = None
               ) -> dict:
@@ -173,7 +150,9 @@ def main() -> None:
 
     a.peer_samples = a.peer_samples or a.samples
     folder = smollm2_folder()
-    files = prepare_data(a, folder)
+    files, eval_file = write_wiki_windows(folder, a.seq_len, a.eval_windows,
+                                          [a.samples, a.peer_samples],
+                                          tempfile.mkdtemp(prefix="bench_awq_"))
     options = {} if a.search_samples is None else {"search_samples": a.search_samples}
     rows = []
     for bits in [int(b) for b in a.bits.split(",")]:
@@ -191,7 +170,7 @@ def main() -> None:
             if side == "llmc" and not PEER_PYTHON.exists():
                 r = {"error": f"{PEER_PYTHON} missing", "wall": 0.0, "rss_mb": 0.0}
             else:
-                r = run_child(python, side, a, files[n], files[0], folder, bits, method, opts)
+                r = run_child(python, side, a, files[n], eval_file, folder, bits, method, opts)
             r.update(name=name, samples=n, bits=bits)
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity
+from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
-WIKI = Path("/work/shared/data/wiki_en.txt")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -86,24 +85,6 @@ def worker_llmc(a: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def prepare_data(samples: int, seq_len: int, windows: int, folder: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from qcore.data import WindowSpec, select_part, token_windows, tokenize
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = WIKI.read_text()
-    head = tokenize(tokenizer, select_part(text, "head"))
-    tail = tokenize(tokenizer, select_part(text, "tail"))
-    calib = token_windows(head, WindowSpec(samples=samples, seq_len=seq_len))
-    eval_ids = token_windows(tail, WindowSpec(samples=windows, seq_len=seq_len))
-    out = Path(tempfile.mkdtemp(prefix="bench_flatquant_"))
-    torch.save(calib, out / "calib.pt")
-    torch.save(eval_ids, out / "eval.pt")
-    return out / "calib.pt", out / "eval.pt"
-
-
 def run_child(python: str, worker: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
               model: Path, method: str = "", scheme: str = "", options: dict | None = None
               ) -> dict:
@@ -145,7 +126,9 @@ def main() -> None:
 
     available = set(PluginManager().registry("quantizer"))
     folder = smollm2_folder()
-    calib, eval_ids = prepare_data(a.samples, a.seq_len, a.eval_windows, folder)
+    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, [a.samples],
+                                         tempfile.mkdtemp(prefix="bench_flatquant_"))
+    calib = files[a.samples]
     rows: list[tuple[str, dict]] = []
     for row in a.rows.split(","):
         method, _, scheme = row.partition(":")

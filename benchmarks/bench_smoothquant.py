@@ -30,40 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb, window_perplexity, write_wiki_windows
+
 ROOT = Path(__file__).resolve().parents[1]
-WIKI = ROOT.parent / "shared" / "data" / "wiki_en.txt"
 LLMC_PY = Path("/work/llmc-venv/bin/python")
 SEQ = 512
 
 
 # ============================================================================ workers
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _ppl(model, eval_ids):
-    """exp(mean NLL) over (n, SEQ) windows, every token but the first of each scored."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, eval_ids.shape[0], 4):
-            batch = eval_ids[start:start + 4]
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                         batch[:, 1:].reshape(-1), reduction="sum"))
-            n += batch[:, 1:].numel()
-    return math.exp(nll / n)
-
-
 def worker_llmc(folder: str, calib: str, evalf: str, alpha: float) -> dict:
     """llm-compressor 0.14 side: SmoothQuantModifier + W8A8 (no qcore import)."""
     import torch
@@ -78,7 +52,7 @@ def worker_llmc(folder: str, calib: str, evalf: str, alpha: float) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     t0 = time.perf_counter()
-    fp = _ppl(model, eval_ids)
+    fp = window_perplexity(model, eval_ids)
     fp_s = time.perf_counter() - t0
     ds = Dataset.from_dict({"input_ids": calib_ids.tolist(),
                             "attention_mask": torch.ones_like(calib_ids).tolist()})
@@ -89,9 +63,9 @@ def worker_llmc(folder: str, calib: str, evalf: str, alpha: float) -> dict:
             max_seq_length=calib_ids.shape[1])
     q_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ppl = _ppl(model, eval_ids)
+    ppl = window_perplexity(model, eval_ids)
     return {"fp32": fp, "fp32_eval_s": fp_s, "perplexity": ppl, "quantize_s": q_s,
-            "eval_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+            "eval_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_qcore(folder: str, calib: str, evalf: str, runs: list[list]) -> dict:
@@ -113,7 +87,7 @@ def worker_qcore(folder: str, calib: str, evalf: str, runs: list[list]) -> dict:
     for label, method, scheme, options in runs:
         if method is None:  # the float model
             t0 = time.perf_counter()
-            out[label] = {"perplexity": _ppl(base, eval_ids),
+            out[label] = {"perplexity": window_perplexity(base, eval_ids),
                           "eval_s": time.perf_counter() - t0}
             continue
         model = copy.deepcopy(base)
@@ -125,34 +99,16 @@ def worker_qcore(folder: str, calib: str, evalf: str, runs: list[list]) -> dict:
         q_s = time.perf_counter() - t0
         kernels = backend.install_kernels(model)
         t0 = time.perf_counter()
-        ppl = _ppl(model, eval_ids)
+        ppl = window_perplexity(model, eval_ids)
         out[label] = {"perplexity": ppl, "quantize_s": q_s, "eval_s": time.perf_counter() - t0,
-                      "kernels": kernels, "peak_rss_mb_so_far": _peak_rss_mb()}
+                      "kernels": kernels, "peak_rss_mb_so_far": peak_rss_mb()}
         print(f"  {label}: ppl {ppl:.3f} ({q_s:.0f}s)", file=sys.stderr, flush=True)
         del model
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
 # ============================================================================ driver side
-def _split_ids(samples: int, windows: int, folder: Path, workdir: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from qcore.data import WindowSpec, select_part, token_windows, tokenize
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    text = WIKI.read_text()
-    head = tokenize(tok, select_part(text, "head"))
-    tail = tokenize(tok, select_part(text, "tail"))
-    calib = token_windows(head, WindowSpec(samples=samples, seq_len=SEQ))
-    evals = token_windows(tail, WindowSpec(samples=windows, seq_len=SEQ))
-    cp, ep = workdir / "calib.pt", workdir / "eval.pt"
-    torch.save(calib, cp)
-    torch.save(evals, ep)
-    return cp, ep
-
-
 def _run_worker(python: str, args: list[str], env: dict | None = None) -> tuple[dict, float]:
     t0 = time.perf_counter()
     proc = subprocess.run([python, __file__, *args], capture_output=True, text=True,
@@ -189,7 +145,8 @@ def quality(args) -> dict:
 
     folder = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:
-        calib, evalf = _split_ids(args.samples, args.windows, folder, Path(tmp))
+        files, evalf = write_wiki_windows(folder, SEQ, args.windows, [args.samples], tmp)
+        calib = files[args.samples]
         runs = QUALITY_RUNS[:3] if args.quick else QUALITY_RUNS + (EXTRA_RUNS if args.full
                                                                      else [])
         ours, ours_wall = _run_worker(sys.executable, [
