@@ -280,6 +280,9 @@ def run_layerwise(
     quantizer.prepare(model, adapter)
     inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size)
     kwargs = [_move(kw, backend.device) for kw in kwargs]
+    n_error = _error_batches(inputs, error_windows)  # batches keep their sizes layer to layer
+    windows = sum(x.shape[0] for x in inputs[:n_error])
+    need_q = propagation == "quantized"
     layers = adapter.decoder_layers()
     report = QuantizationReport(method=quantizer.name, scheme=quantizer.scheme.model_dump())
 
@@ -296,9 +299,6 @@ def run_layerwise(
             ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs, kwargs=kwargs,
                                adapter=adapter, scheme=quantizer.scheme, backend=backend,
                                plugins=plugins)
-            n_error = _error_batches(inputs, error_windows)
-            windows = sum(x.shape[0] for x in inputs[:n_error])
-            need_q = propagation == "quantized"
             with cached_dequantization():  # the layer runs several times; dequantize once
                 ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
                 stats = quantizer.quantize_layer(ctx) or {}
