@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from qcore import hookimpl
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -118,3 +120,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class CollectLayerReports:
+    """An event listener keeping every LayerReport the pipeline fires."""
+
+    def __init__(self):
+        self.reports = []
+
+    @hookimpl
+    def qcore_layer_quantized(self, report):
+        self.reports.append(report)

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import CollectLayerReports, make_tiny_model
 
-from qcore import api, hookimpl
+from qcore import api
 from qcore.config import parse_assignments
 from qcore.pipeline import run_layerwise
 from qcore.quant.linear import QuantLinear
@@ -74,17 +74,8 @@ def test_mha_scales_v_to_o(calib_ids, plugins):
         assert layer.stats[f"{VO_GROUP}.error_after"] <= layer.stats[f"{VO_GROUP}.error_before"]
 
 
-class _Collect:
-    def __init__(self):
-        self.reports = []
-
-    @hookimpl
-    def qcore_layer_quantized(self, report):
-        self.reports.append(report)
-
-
 def test_quantizes_every_linear_and_reports_each_layer(tiny_model, calib_ids, plugins):
-    watch = _Collect()
+    watch = CollectLayerReports()
     report = _run(tiny_model, calib_ids, plugins, listeners=[watch])
     assert [r.index for r in watch.reports] == [0, 1]
     for layer in tiny_model.model.layers:

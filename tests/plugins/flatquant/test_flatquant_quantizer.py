@@ -6,9 +6,9 @@ from contextlib import ExitStack
 
 import pytest
 import torch
+from conftest import CollectLayerReports
 from torch import nn
 
-from qcore import hookimpl
 from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
 from qcore.interfaces import UnsupportedScheme
 from qcore.models.adapter import LlamaLikeAdapter
@@ -87,19 +87,10 @@ def test_transformed_model_equals_original_without_quantization(tiny_model):
     assert _rel(_logits(folded, ids), ref) < 1e-4
 
 
-class Collect:
-    def __init__(self):
-        self.reports = []
-
-    @hookimpl
-    def qcore_layer_quantized(self, report):
-        self.reports.append(report)
-
-
 def _run(model, scheme, calib_ids, plugins, **options):
     quantizer = build_quantizer("flatquant", get_scheme(scheme) if isinstance(scheme, str)
                                 else scheme, options, plugins)
-    watch = Collect()
+    watch = CollectLayerReports()
     plugins.add_plugin(watch, name=f"watch-{id(watch)}")
     try:
         run_layerwise(model, quantizer, LlamaLikeAdapter(model), build_backend("cpu", plugins),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CollectLayerReports
 from torch import nn
 
 from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
@@ -134,24 +135,13 @@ def test_true_sequential_uses_quantized_inputs(tiny_llama, plugins, calib_ids):
         "self_attn.q_proj.loss"]
 
 
-class Collect:
-    def __init__(self):
-        self.reports = []
-
-    from qcore import hookimpl
-
-    @hookimpl
-    def qcore_layer_quantized(self, report):
-        self.reports.append(report)
-
-
 @pytest.mark.parametrize("options", [{}, {"act_order": True, "static_groups": True},
                                      {"act_order": True}, {"mse_clip": True}])
 def test_gptq_beats_rtn_on_tiny_model(tiny_model, plugins, calib_ids, options):
     import copy
 
     rtn_model = copy.deepcopy(tiny_model)
-    watch = Collect()
+    watch = CollectLayerReports()
     report = _run(tiny_model, plugins, calib_ids, options=options, listeners=[watch])
     rtn = _run(rtn_model, plugins, calib_ids, method="rtn")
     assert [r.index for r in watch.reports][:2] == [0, 1]
