@@ -80,6 +80,32 @@ def write_wiki_windows(folder, seq_len: int, eval_windows: int, calib_samples,
     return calib, eval_file
 
 
+def quantize_with_qcore(model_folder, calib_file, method: str, scheme, options: dict,
+                        threads: int, batch_size: int = 4):
+    """The qcore side of a comparison: load the float model, quantize it layer by layer on
+    the CPU backend with the calibration token ids in ``calib_file``. Returns (model,
+    report, seconds of the quantization call). Worker side, qcore's venv only."""
+    import time
+
+    import torch
+
+    from qcore import api
+    from qcore.pipeline import check_group_size, run_layerwise
+    from qcore.plugins import PluginManager
+
+    torch.set_num_threads(threads)
+    calib = torch.load(calib_file)
+    model = load_fp32(model_folder)
+    plugins = PluginManager()
+    quantizer = api.build_quantizer(method, scheme, options, plugins)
+    adapter = api.adapter_for(model, plugins)
+    check_group_size(model, adapter, scheme)
+    t0 = time.perf_counter()
+    report = run_layerwise(model, quantizer, adapter, api.build_backend("cpu", plugins), calib,
+                           plugins=plugins, batch_size=batch_size, progress=False)
+    return model, report, time.perf_counter() - t0
+
+
 def run_measured(cmd: list[str], result_file, peer: bool) -> dict:
     """Run one benchmark side in its own process; its JSON result plus wall time and peak
     RSS (os.wait4). ``peer``: keep qcore's environment out of the peer's interpreter."""

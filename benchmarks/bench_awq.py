@@ -29,43 +29,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
+from _common import (
+    load_fp32,
+    quantize_with_qcore,
+    run_measured,
+    window_perplexity,
+    write_wiki_windows,
+)
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
-
-
-# ----------------------------------------------------------------------------- both sides
-
-
 
 
 # ----------------------------------------------------------------------------- workers
 def worker_qcore(a: argparse.Namespace) -> dict:
     import torch
 
-    torch.set_num_threads(a.threads)
-    from qcore import api
-    from qcore.pipeline import run_layerwise
-    from qcore.plugins import get_plugin_manager
     from qcore.schemes import QuantArgs, QuantScheme
 
-    plugins = get_plugin_manager()
-    calib, eval_ids = torch.load(a.calib), torch.load(a.eval)
-    model = load_fp32(a.model)
     scheme = QuantScheme(name=f"W{a.bits}A16", weights=QuantArgs(
         bits=a.bits, symmetric=False, granularity="group", group_size=a.group_size))
-    options = json.loads(a.options)
-    quantizer = api.build_quantizer(a.method, scheme, options, plugins)
-    t0 = time.perf_counter()
-    report = run_layerwise(model, quantizer, api.adapter_for(model, plugins),
-                           api.build_backend("cpu", plugins), calib, plugins=plugins,
-                           batch_size=a.batch_size, progress=False)
-    seconds = time.perf_counter() - t0
+    model, report, seconds = quantize_with_qcore(
+        a.model, a.calib, a.method, scheme, json.loads(a.options), a.threads, a.batch_size)
     ratios = [v for layer in report.layers for k, v in layer.stats.items()
               if k.endswith(".ratio")]
     detail = f"mean ratio {sum(ratios) / len(ratios):.2f}" if ratios else ""
-    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "detail": detail}
+    return {"seconds": seconds, "ppl": window_perplexity(model, torch.load(a.eval)),
+            "detail": detail}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:

@@ -24,7 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
+from _common import (
+    load_fp32,
+    quantize_with_qcore,
+    run_measured,
+    window_perplexity,
+    write_wiki_windows,
+)
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
@@ -34,26 +40,14 @@ PEER_PYTHON = Path("/work/llmc-venv/bin/python")
 def worker_qcore(a: argparse.Namespace) -> dict:
     import torch
 
-    from qcore.api import build_backend, build_quantizer
-    from qcore.models.adapter import LlamaLikeAdapter
-    from qcore.pipeline import run_layerwise
-    from qcore.plugins import PluginManager
     from qcore.schemes import get_scheme
 
-    torch.set_num_threads(a.threads)
-    calib = torch.load(a.calib)
     eval_ids = torch.load(a.eval)
-    model = load_fp32(a.model)
     if a.method == "fp32":
-        return {"seconds": 0.0, "ppl": window_perplexity(model, eval_ids)}
-    plugins = PluginManager()
-    scheme = get_scheme(a.scheme)
-    options = json.loads(a.options)
-    quantizer = build_quantizer(a.method, scheme, options, plugins)
-    t0 = time.perf_counter()
-    report = run_layerwise(model, quantizer, LlamaLikeAdapter(model), build_backend("cpu", plugins),
-                           calib, plugins=plugins, batch_size=4, progress=False)
-    seconds = time.perf_counter() - t0
+        torch.set_num_threads(a.threads)
+        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids)}
+    model, report, seconds = quantize_with_qcore(
+        a.model, a.calib, a.method, get_scheme(a.scheme), json.loads(a.options), a.threads)
     layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
                **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds")
                   if k in r.stats}} for r in report.layers]

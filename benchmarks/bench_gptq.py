@@ -24,49 +24,37 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, peak_rss_mb, run_measured, window_perplexity, write_wiki_windows
+from _common import (
+    load_fp32,
+    peak_rss_mb,
+    quantize_with_qcore,
+    run_measured,
+    window_perplexity,
+    write_wiki_windows,
+)
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
-
-
-# ----------------------------------------------------------------------------- shared
-
-
 
 
 # ----------------------------------------------------------------------------- workers
 def worker_qcore(a: argparse.Namespace) -> dict:
     import torch
 
-    from qcore.api import build_backend, build_quantizer
     from qcore.config import parse_assignments
-    from qcore.models.adapter import LlamaLikeAdapter
-    from qcore.pipeline import check_group_size, run_layerwise
-    from qcore.plugins import PluginManager
     from qcore.schemes import get_scheme
 
-    torch.set_num_threads(a.threads)
-    calib = torch.load(a.calib)
-    eval_ids = torch.load(a.eval)
-    model = load_fp32(a.model)
-    plugins = PluginManager()
-    scheme = get_scheme("W4A16", a.group_size)
     method = a.worker.removeprefix("qcore-") if a.worker != "qcore" else "gptq"
     options = {"act_order": a.act_order, "static_groups": a.act_order} if method == "gptq" else {}
     if method == "gptq":
         options.update(parse_assignments(a.qcore_set))
-    quantizer = build_quantizer(method, scheme, options, plugins)
-    adapter = LlamaLikeAdapter(model)
-    check_group_size(model, adapter, scheme)
-    t0 = time.perf_counter()
-    report = run_layerwise(model, quantizer, adapter, build_backend("cpu", plugins), calib,
-                           plugins=plugins, batch_size=a.batch_size, progress=False)
-    seconds = time.perf_counter() - t0
+    model, report, seconds = quantize_with_qcore(
+        a.model, a.calib, method, get_scheme("W4A16", a.group_size), options, a.threads,
+        a.batch_size)
     quant_rss = peak_rss_mb()
     hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
     detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
-    ppl = window_perplexity(model, eval_ids, batch_size=1)
+    ppl = window_perplexity(model, torch.load(a.eval), batch_size=1)
     return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": detail}
 
 
