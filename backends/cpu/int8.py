@@ -23,6 +23,14 @@ calls with at most :data:`AUTO_MAX_SMALL_M` tokens and oneDNN above, as measured
   point 128 (re-rounding integers is exact, so the per-token codes survive unchanged).
 * ``int_mm``: ``torch._int_mm`` (s8 x s8 -> s32), the slow reference on CPUs.
 
+CPUs without VNNI (AVX2 only, e.g. older AMD EPYC): u8 x s8 GEMMs multiply with
+``vpmaddubsw``, which adds adjacent u8 x s8 products into a *saturating* int16, so codes
+near 255 x 127 overflow (measured: errors of 6e4 integer units on random codes). There the
+``onednn`` GEMM splits the u8 codes into two 4-bit halves (``x = 16 hi + lo``, each product
+pair at most 2 x 15 x 127) and combines ``16 G(hi) + G(lo) - 128 sum_k w`` exactly, at about
+twice the cost; ``auto`` uses it for every M, and ``fbgemm`` (same saturation, no way around
+it) is refused.
+
 Weights are packed once per layer and kept in a weak cache (keyed by the layer, invalidated
 when its codes or scales change), so a deep copy of a model never carries packed blobs.
 """
@@ -33,6 +41,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -44,6 +53,21 @@ ENGINES = ("auto", "onednn", "fbgemm", "int_mm")
 DEFAULT_ENGINE = "auto"
 #: "auto" uses fbgemm up to this many tokens per call, oneDNN above
 AUTO_MAX_SMALL_M = 16
+
+
+def cpu_has_vnni() -> bool:
+    """Whether u8 x s8 products accumulate without int16 saturation (AVX512-VNNI/AVX-VNNI)."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    if probe is not None:
+        return bool(probe())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+HAS_VNNI = cpu_has_vnni()
 
 _cache: weakref.WeakKeyDictionary[QuantLinear, dict[str, tuple[tuple, object]]] = (
     weakref.WeakKeyDictionary()
@@ -117,10 +141,13 @@ def _packed(module: QuantLinear, engine: str, build: Callable[[], object]) -> ob
     return hit[1]
 
 
-def _onednn_weight(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _onednn_weight(module: QuantLinear
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed weight, its scales, zero points, and ``128 sum_k w`` (float64) for the split."""
     wq, ws = weight_int8(module)
     packed = torch.ops.onednn.qlinear_prepack(wq, None)
-    return packed, ws, torch.zeros(ws.numel(), dtype=torch.long)
+    shift = wq.sum(dim=1, dtype=torch.int64).double().mul_(128)
+    return packed, ws, torch.zeros(ws.numel(), dtype=torch.long), shift
 
 
 def _fbgemm_weight(module: QuantLinear) -> object:
@@ -145,9 +172,18 @@ def _int_mm_weight(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- GEMMs
 def int8_gemm_onednn(module: QuantLinear, xu8: torch.Tensor) -> torch.Tensor:
     """(M, K) u8 codes (zero point 128) -> float32 ``(q_x @ q_w^T) * scale_w``, u8s8s32."""
-    packed, ws, wz = _packed(module, "onednn", lambda: _onednn_weight(module))
-    return torch.ops.onednn.qlinear_pointwise(xu8, 1.0, 128, packed, ws, wz, None, 1.0, 0,
-                                              torch.float32, "none", [], "")
+    packed, ws, wz, shift = _packed(module, "onednn", lambda: _onednn_weight(module))
+    if HAS_VNNI:
+        return torch.ops.onednn.qlinear_pointwise(xu8, 1.0, 128, packed, ws, wz, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+    ones = torch.ones_like(ws)
+
+    def gemm(codes: torch.Tensor) -> torch.Tensor:  # exact integers in float32 below 2^24
+        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, packed, ones, wz, None, 1.0,
+                                                  0, torch.float32, "none", [], "").double()
+
+    acc = gemm(xu8 >> 4).mul_(16).add_(gemm(xu8 & 15)).sub_(shift)
+    return acc.float().mul_(ws)
 
 
 def int8_gemm_fbgemm(module: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
@@ -177,12 +213,19 @@ INPUT_FORMAT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _make_kernel(engine: str) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
+    if engine == "fbgemm" and not HAS_VNNI:
+        def refused(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the fbgemm int8 engine saturates int16 sums on CPUs without "
+                               "VNNI; use QCORE_CPU_INT8_ENGINE=auto or onednn")
+        return refused
+
     def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         name = engine
         if name == "auto":
-            name = "fbgemm" if x2.shape[0] <= AUTO_MAX_SMALL_M else "onednn"
+            small = x2.shape[0] <= AUTO_MAX_SMALL_M and HAS_VNNI
+            name = "fbgemm" if small else "onednn"
         codes, token_scale = _activation_codes(module, x2)
         y = GEMMS[name](module, INPUT_FORMAT[name](codes)).mul_(token_scale)
         if module.bias is not None:

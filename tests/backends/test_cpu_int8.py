@@ -43,6 +43,10 @@ def test_kernel_equals_reference_within_one_step(engine, act, shape):
     q = _layer(act=act, bias=len(shape) > 1)
     x = _inputs(shape, q.in_features)
     ref = q.reference_forward(x)
+    if engine == "fbgemm" and not int8.HAS_VNNI:
+        with pytest.raises(RuntimeError, match="VNNI"):
+            int8.KERNELS[engine](q, x)
+        return
     out = int8.KERNELS[engine](q, x)
     assert out.shape == ref.shape and out.dtype == x.dtype
     # one quantization step of an activation moves output n by at most scale_x * |w_n|_max
@@ -106,3 +110,22 @@ def test_install_kernels_and_cache_invalidation():
     q._dequant_cache = None
     torch.testing.assert_close(model(x), q.reference_forward(x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("vnni", [True, False], ids=["direct", "split"])
+def test_onednn_gemm_is_exact_at_extreme_codes(monkeypatch, vnni):
+    """u8 x s8 pairs near 255 x 127 overflow int16 on CPUs without VNNI; the split path must
+    give the exact integer product there (the direct path is only run where VNNI exists)."""
+    if vnni and not int8.HAS_VNNI:
+        pytest.skip("this CPU has no VNNI: the direct u8 x s8 GEMM saturates")
+    monkeypatch.setattr(int8, "HAS_VNNI", vnni)
+    q = _layer(act=TOKEN, bias=False)
+    wq, ws = int8.weight_int8(q)
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (9, q.in_features), generator=gen).float()
+    codes[0] = 127
+    codes[1] = -127
+    exact = (codes.double() @ wq.double().t()) * ws.double()
+    out = int8.int8_gemm_onednn(q, codes.clone().add_(128).to(torch.uint8))
+    assert float((out.double() - exact).abs().max() / exact.abs().max()) < 1e-6
