@@ -1,7 +1,9 @@
 """The Python API: quantize, evaluate, save and load, all resolved through the plugins.
 
 Everything a run needs is validated before the model is loaded: the method and its
-options, the scheme, the backend, the calibration data and the save format.
+options, the scheme, the backend, the model source, the calibration data (tokenized with
+the model's tokenizer alone), the save format and the output folder. After loading and
+before any work: non-finite source weights, group sizes and layer names in options.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from qcore.config import RunConfig
+from qcore.config import RunConfig, validation_summary
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
+from qcore.errors import ConfigError, SavedModelError
+from qcore.finite import check_source_weights
 from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer
+from qcore.io import check_output_dir
 from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
-from qcore.models.loading import load_float_model, resolve_model_source
+from qcore.models.loading import (
+    check_model_source,
+    load_float_model,
+    load_tokenizer,
+    resolve_model_source,
+)
 from qcore.pipeline import check_group_size, run_layerwise
 from qcore.plugins import PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
@@ -30,8 +40,7 @@ from qcore.versions import package_versions
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """Invalid user input, detected before any work starts."""
+__all__ = ["ConfigError", "quantize", "evaluate", "load_model", "save_model", "perplexity"]
 
 
 def _validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict
@@ -39,13 +48,8 @@ def _validate_options(kind: str, name: str, config_cls: type[BaseModel], options
     try:
         return config_cls.model_validate(options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: {e['msg']}"
-            + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict)
-               else "")
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid options for {kind} {name!r}: {problems}") from exc
+        raise ConfigError(f"invalid options for {kind} {name!r}: "
+                          f"{validation_summary(exc)}") from exc
 
 
 def build_quantizer(method: str, scheme: QuantScheme, options: dict[str, Any] | None = None,
@@ -90,7 +94,39 @@ def calibration_ids(tokenizer: Any, config: RunConfig, plugins: PluginManager | 
     text = datasets(plugins).text(cal.data)
     spec = WindowSpec(samples=cal.samples, seq_len=cal.seq_len, sampling=cal.sampling,
                       seed=cal.seed)
-    return token_windows(tokenize(tokenizer, text), spec)
+    try:
+        return token_windows(tokenize(tokenizer, text), spec)
+    except ValueError as exc:
+        raise ConfigError(f"calibration data {cal.data.source} ({cal.data.part}): {exc}"
+                          ) from exc
+
+
+def check_layer_options(quantizer: Quantizer, adapter: ArchitectureAdapter) -> None:
+    """Every linear named in the method's options exists in the model's decoder layers."""
+    known = adapter.linear_names()
+    for option, names in quantizer.layer_options().items():
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"{quantizer.name} option {option}: {name!r} is not a linear "
+                                  f"of this model's decoder layers ({', '.join(known)})")
+
+
+def _expected_save_bytes(source: Path | None, config: RunConfig) -> int:
+    """A rough size of the saved model, for the free-space check: the checkpoint's bytes
+    scaled by the weight bits over the checkpoint's bits (a GGUF source counts as is)."""
+    if source is None or not source.exists():
+        return 0
+    if source.is_file():
+        return source.stat().st_size
+    files = [*source.glob("*.safetensors"), *source.glob("*.bin")]
+    total = sum(f.stat().st_size for f in files)
+    try:
+        text = (source / "config.json").read_text(encoding="utf-8")
+        bits = config.resolved_scheme().weights.bits
+    except (OSError, ValueError):
+        return 0
+    src_bits = 16 if '"bfloat16"' in text or '"float16"' in text else 32
+    return int(total * min(1.0, (bits + 1) / src_bits))
 
 
 # ----------------------------------------------------------------------------- load/save
@@ -112,6 +148,11 @@ def load_model(source: str, plugins: PluginManager | None = None,
     plugins = plugins or get_plugin_manager()
     path = Path(resolve_model_source(source))
     fmt = find_format(path, plugins) if path.is_dir() else None
+    if fmt is None and path.is_dir():
+        for cls in plugins.registry("format").values():
+            problem = cls.diagnose(path)
+            if problem:
+                raise SavedModelError(problem)
     if fmt is not None:
         model, tokenizer, meta = fmt().load(path, plugins.registry("module"))
         if backend is not None:
@@ -123,9 +164,13 @@ def load_model(source: str, plugins: PluginManager | None = None,
 
 
 def save_model(model: nn.Module, tokenizer: Any, path: str | Path, metadata: dict[str, Any],
-               format: str = "qcore", plugins: PluginManager | None = None) -> Path:
+               format: str = "qcore", plugins: PluginManager | None = None,
+               overwrite: bool = False) -> Path:
+    """Save atomically. An existing non-empty ``path`` is replaced only with ``overwrite``
+    and only if it is a saved model folder (:func:`qcore.io.check_output_dir`)."""
     plugins = plugins or get_plugin_manager()
     fmt: type[Format] = plugins.get("format", format)
+    check_output_dir(path, overwrite=overwrite)
     meta = {**metadata, "versions": package_versions()}
     return fmt().save(model, tokenizer, Path(path), meta).path
 
@@ -161,19 +206,30 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     source = config.calibration.data.source
     if dataset.name in ("text", "jsonl") and not Path(source).is_file():
         raise ConfigError(f"calibration.data.source: {source!r} is not a file")
+    model_path = None
+    if model is None:
+        model_path = check_model_source(config.model)
+        if model_path is not None and model_path.is_dir() and find_format(model_path, plugins):
+            raise ConfigError(f"{config.model} is already a quantized qcore model")
     if config.save is not None:
         plugins.get("format", config.format)
+        inputs = [p for p in (model_path, Path(source)) if p is not None]
+        check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
+                         expected_bytes=_expected_save_bytes(model_path, config))
 
     if model is None:
-        model, tokenizer, meta = load_model(config.model, plugins)
-        if meta is not None:
-            raise ConfigError(f"{config.model} is already a quantized qcore model")
+        tokenizer = load_tokenizer(config.model)
+        calib = calibration_ids(tokenizer, config, plugins)  # a short text fails before loading
+        model, _, _ = load_model(config.model, plugins)
+    else:
+        calib = calibration_ids(tokenizer, config, plugins)
+    check_source_weights(model)
     adapter = adapter_for(model, plugins)
     try:
         check_group_size(model, adapter, scheme)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    calib = calibration_ids(tokenizer, config, plugins)
+    check_layer_options(quantizer, adapter)
 
     names = []
     for i, obj in enumerate(listeners):
@@ -195,7 +251,7 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
                            {"run": config.model_dump(mode="json"),
                             "scheme": scheme.model_dump(mode="json"),
                             "report": report.model_dump(mode="json")},
-                           format=config.format, plugins=plugins)
+                           format=config.format, plugins=plugins, overwrite=config.overwrite)
     return QuantizeResult(model=model, tokenizer=tokenizer, report=report, saved=saved,
                           config=config)
 

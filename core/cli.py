@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import time
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qcore import api
-from qcore.config import CalibrationConfig, RunConfig, parse_assignments
+from qcore.config import CalibrationConfig, RunConfig, parse_assignments, validation_summary
+from qcore.errors import QcoreError
 from qcore.interfaces import DataSpec
+from qcore.io import dumps_json
 from qcore.plugins import PluginError, get_plugin_manager
 from qcore.schemes import PRESETS
 
@@ -27,17 +30,9 @@ def _data_spec(source: str, part: str, dataset: str | None, field: str | None) -
     return DataSpec(source=source, part=part, dataset=dataset, field=field)
 
 
-def _add_data_args(p: argparse.ArgumentParser, prefix: str, default_part: str) -> None:
-    p.add_argument(f"--{prefix}-part", choices=["all", "head", "tail"], default=default_part,
-                   help="use the whole text, or its first/second half split at an article "
-                        "boundary near the middle")
-    p.add_argument(f"--{prefix}-dataset", default=None,
-                   help="dataset plugin name (default: detected from the source)")
-    p.add_argument(f"--{prefix}-field", default=None, help="text field for JSONL/HF sources")
-
-
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """Strict JSON on stdout: NaN/infinity become null (bare NaN is not JSON)."""
+    print(dumps_json(data, indent=2))
 
 
 # ----------------------------------------------------------------------------- list-plugins
@@ -46,19 +41,27 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(listing)
         return 0
+    rows = sorted(listing["registrations"], key=lambda r: (r["kind"], r["name"]))
+    columns = ("kind", "name", "plugin", "version", "module", "distribution")
+    cells = [[r[c] or "-" for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     table = Table(title="qcore plugins")
-    for col in ("kind", "name", "plugin", "version", "distribution", "hooks"):
-        table.add_column(col)
-    for row in sorted(listing["registrations"], key=lambda r: (r["kind"], r["name"])):
-        hooks = ", ".join(h.removeprefix("qcore_") for h in row["hooks"])
-        table.add_row(row["kind"], row["name"], row["plugin"], row["version"] or "-",
-                      row["distribution"] or "-", hooks)
-    out.print(table)
+    for col, width in zip(columns, widths, strict=True):
+        table.add_column(col, no_wrap=True, min_width=width)
+    for row in cells:
+        table.add_row(*row)
+    # never cut a name: on a narrow terminal the lines run longer instead
+    out.print(table, width=max(out.width, sum(widths) + 3 * len(widths) + 1), crop=False)
     for fail in listing["failures"]:
-        out.print(f"[red]plugin {fail['name']} ({fail['distribution']}) failed at "
-                  f"{fail['stage']}: {fail['error']}[/red]")
+        out.print(f"plugin {fail['name']} ({fail['distribution'] or 'no distribution'}) "
+                  f"left out at {fail['stage']}: {fail['error']}", style="red", markup=False,
+                  soft_wrap=True)
     if listing["blocked"]:
-        out.print(f"blocked: {', '.join(listing['blocked'])}")
+        out.print(f"blocked by QCORE_BLOCK_PLUGINS: {', '.join(listing['blocked'])}",
+                  soft_wrap=True)
+    for name in listing["unknown_blocked"]:
+        out.print(f"warning: QCORE_BLOCK_PLUGINS names {name!r}, which is not an installed "
+                  "plugin", style="yellow", markup=False, soft_wrap=True)
     return 0
 
 
@@ -96,12 +99,17 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
+    if args.overwrite:
+        base["overwrite"] = True
     if args.set:
         base["method_config"] = {**base.get("method_config", {}), **parse_assignments(args.set)}
-    base["calibration"] = CalibrationConfig.model_validate(cal)
     if "model" not in base:
         raise api.ConfigError("--model is required (or 'model:' in --config)")
-    return RunConfig.model_validate(base)
+    try:
+        base["calibration"] = CalibrationConfig.model_validate(cal)
+        return RunConfig.model_validate(base)
+    except ValidationError as exc:
+        raise api.ConfigError(f"run configuration: {validation_summary(exc)}") from exc
 
 
 def _layer_table(report) -> Table:
@@ -208,67 +216,135 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _default(model: type, field: str) -> str:
+    """A pydantic field's default as help text shows it (the CLI flag defaults to unset so
+    that --config values are not overridden)."""
+    value = model.model_fields[field].get_default(call_default_factory=True)
+    return "all" if value is None and field == "error_windows" else str(value)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for options with a real default, nothing for unset ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_data_args(p: argparse.ArgumentParser, prefix: str, default_part: str) -> None:
+    p.add_argument(f"--{prefix}-part", choices=["all", "head", "tail"], default=default_part,
+                   help="use the whole text, or its first/second half split at an article "
+                        "boundary near the middle")
+    p.add_argument(f"--{prefix}-dataset", default=None, metavar="NAME",
+                   help="dataset plugin that reads the source (default: detected from it: "
+                        ".txt/.md text, .jsonl, pydoc, hf:NAME:SPLIT)")
+    p.add_argument(f"--{prefix}-field", default=None, metavar="FIELD",
+                   help="text field of JSONL/HF records (default: 'text', or question + "
+                        "answer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcore", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qcore", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list-plugins", help="installed plugins and what they register")
-    p.add_argument("--json", action="store_true")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    p = command("list-plugins", "installed plugins, what they register, and any left out")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_list_plugins)
 
-    p = sub.add_parser("schemes", help="the scheme presets")
-    p.add_argument("--json", action="store_true")
+    p = command("schemes", "the scheme presets")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_schemes)
 
-    p = sub.add_parser("quantize", help="quantize a model layer by layer")
-    p.add_argument("--config", help="YAML/JSON run configuration; flags override it")
-    p.add_argument("--model", help="HF folder, hub id, .gguf file, or 'smollm2'")
-    p.add_argument("--method", help="quantizer name (see list-plugins)")
-    p.add_argument("--scheme", help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--group-size", type=int, dest="group_size")
+    cal, run = CalibrationConfig, RunConfig
+    p = command("quantize", "quantize a model layer by layer (and save it)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML/JSON run configuration; flags override its values")
+    p.add_argument("--model", help="HF folder, .gguf file, hub id (online only), or 'smollm2' "
+                                   "(the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", help=f"quantizer name, see list-plugins (default: "
+                                    f"{_default(run, 'method')})")
+    p.add_argument("--scheme", help=f"preset: {', '.join(PRESETS)} (default: "
+                                    f"{_default(run, 'scheme')})")
+    p.add_argument("--group-size", type=int, dest="group_size", metavar="N",
+                   help="weight group size (default: the preset's, 128 for W4A16/W3A16; it "
+                        "must divide every layer's input features: SmolLM2's 576 needs 64)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a field of the method's config (repeatable)")
-    p.add_argument("--calib", help="calibration source: a file, 'pydoc', or hf:NAME:SPLIT")
+                   help="a field of the method's config, value in YAML (repeatable; "
+                        "default: none)")
+    p.add_argument("--calib", metavar="SOURCE",
+                   help="calibration text: a .txt/.jsonl file, 'pydoc', or hf:NAME:SPLIT "
+                        f"(default: {run.model_fields['calibration'].default.data.source})")
     _add_data_args(p, "calib", "all")
-    p.add_argument("--samples", type=int)
-    p.add_argument("--seq-len", type=int, dest="seq_len")
-    p.add_argument("--sampling", choices=["consecutive", "random"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--backend")
-    p.add_argument("--propagation", choices=["quantized", "full"])
-    p.add_argument("--error-windows", type=int, dest="error_windows",
+    p.add_argument("--samples", type=int, metavar="N",
+                   help=f"calibration windows (default: {_default(cal, 'samples')})")
+    p.add_argument("--seq-len", type=int, dest="seq_len", metavar="L",
+                   help=f"tokens per calibration window (default: {_default(cal, 'seq_len')})")
+    p.add_argument("--sampling", choices=["consecutive", "random"],
+                   help="windows from the start of the text, or at seeded random offsets "
+                        f"(default: {_default(cal, 'sampling')})")
+    p.add_argument("--seed", type=int, help=f"seed of --sampling random (default: "
+                                            f"{_default(cal, 'seed')})")
+    p.add_argument("--batch-size", type=int, dest="batch_size", metavar="N",
+                   help=f"calibration windows per forward (default: "
+                        f"{_default(cal, 'batch_size')})")
+    p.add_argument("--backend", help=f"where layers run: cpu, npu (default: "
+                                     f"{_default(run, 'backend')})")
+    p.add_argument("--propagation", choices=["quantized", "full"],
+                   help="next layer's inputs: the quantized or the float layer's outputs "
+                        "(default: the method's)")
+    p.add_argument("--error-windows", type=int, dest="error_windows", metavar="N",
                    help="calibration windows each layer's relative MSE is measured on "
-                        "(default 4)")
-    p.add_argument("--save", help="output folder (written atomically)")
-    p.add_argument("--format")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+                        f"(default: {_default(run, 'error_windows')})")
+    p.add_argument("--save", metavar="DIR",
+                   help="output folder, written atomically; must not exist or be empty "
+                        "unless --overwrite (default: not saved)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing saved model at --save (never a folder holding "
+                        "other files, an input or the current directory)")
+    p.add_argument("--format", help=f"save format plugin (default: {_default(run, 'format')})")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or per-layer lines when stderr is not a terminal)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("evaluate", help="evaluate a float or saved quantized model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--evaluator", default="perplexity")
-    p.add_argument("--data", default="pydoc")
+    p = command("evaluate", "evaluate a float or saved quantized model")
+    p.add_argument("--model", required=True, help="a saved qcore model, HF folder, .gguf "
+                                                  "file, hub id, or 'smollm2'")
+    p.add_argument("--evaluator", default="perplexity", help="evaluator plugin name")
+    p.add_argument("--data", default="pydoc", metavar="SOURCE",
+                   help="evaluation text: a .txt/.jsonl file, 'pydoc', or hf:NAME:SPLIT")
     _add_data_args(p, "data", "all")
-    p.add_argument("--seq-len", type=int, default=512, dest="seq_len")
-    p.add_argument("--windows", type=int, default=None)
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, dest="batch_size")
-    p.add_argument("--backend", default="cpu")
+    p.add_argument("--seq-len", type=int, default=512, dest="seq_len", metavar="L",
+                   help="tokens per window")
+    p.add_argument("--windows", type=int, default=None, metavar="N",
+                   help="score the first N windows (default: all)")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="window step; below --seq-len the windows overlap (default: seq-len)")
+    p.add_argument("--batch-size", type=int, default=4, dest="batch_size", metavar="N",
+                   help="windows per forward")
+    p.add_argument("--backend", default="cpu", help="where the model runs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a field of the evaluator's config (repeatable)")
-    p.add_argument("--json", action="store_true")
+                   help="a field of the evaluator's config (repeatable; default: none)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="SmolLM2-135M: full precision vs RTN W4A16 g64 (offline)")
-    p.add_argument("--data", default="pydoc")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512, dest="seq_len")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--save", default=None)
-    p.add_argument("--json", action="store_true")
+    p = command("demo", "SmolLM2-135M: full precision vs RTN W4A16 g64 (offline)")
+    p.add_argument("--data", default="pydoc", metavar="SOURCE",
+                   help="text: calibrated on its first half, evaluated on its second")
+    p.add_argument("--samples", type=int, default=32, metavar="N", help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, dest="seq_len", metavar="L",
+                   help="tokens per window")
+    p.add_argument("--windows", type=int, default=16, metavar="N", help="evaluation windows")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also save the RTN model there (default: not saved)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -279,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (api.ConfigError, PluginError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (QcoreError, PluginError, OSError, ValueError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False,
+                      soft_wrap=True)
         return 2
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qcore.errors import ConfigError
 from qcore.interfaces import DataSpec
 from qcore.schemes import QuantScheme, get_scheme
 
@@ -39,6 +40,8 @@ class RunConfig(BaseModel):
         default=4, gt=0, description="calibration windows each layer's relative MSE is "
                                      "measured on (null: all)")
     save: str | None = None
+    overwrite: bool = Field(default=False, description="replace an existing saved model at "
+                                                       "`save` (never other folders)")
     format: str = "qcore"
 
     def resolved_scheme(self) -> QuantScheme:
@@ -48,9 +51,48 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
-        text = Path(path).read_text()
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data or {})
+        """Load YAML or JSON; a missing file, a syntax error (with its line) or a bad field
+        is a one-line :class:`ConfigError`."""
+        data = load_mapping(path)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {validation_summary(exc)}") from exc
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: message (got value)`` for each problem."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
+        + ("unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+        + (f" (got {e['input']!r})" if "input" in e and e["type"] != "extra_forbidden"
+           and not isinstance(e["input"], dict) else "")
+        for e in exc.errors())
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file holding one mapping."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1} column {mark.column + 1}" if mark else problem
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -58,10 +100,15 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         key, _, raw = item.partition("=")
         key = key.strip()
         if not key:
-            raise ValueError(f"--set {item!r} has an empty key")
-        out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            raise ConfigError(f"--set {item!r} has an empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                              f"({_yaml_problem(exc)}); quote it, e.g. {key}='[a, b]'"
+                              ) from exc
     return out

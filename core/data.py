@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from qcore.interfaces import Dataset, DataSpec, TextSource
 
 _TITLE = re.compile(r"\n = [^=\n][^\n]* = *\n")
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is an error naming its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                         f"offset {exc.start}); convert the file to UTF-8") from exc
 
 
 def split_point(text: str) -> int:

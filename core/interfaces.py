@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +30,22 @@ class NoOptions(BaseModel):
 
 class UnsupportedScheme(ValueError):
     pass
+
+
+#: marks a config field that lists linears of a decoder layer by name (``mlp.down_proj``):
+#: the API checks every entry against the model's adapter before any work, so a misspelt
+#: name is an error instead of silently matching nothing
+LAYER_NAMES = "qcore:layer-names"
+LayerNameList = Annotated[list[str], LAYER_NAMES]
+
+
+def layer_name_options(config: BaseModel, prefix: str = "") -> dict[str, list[str]]:
+    """``field -> names`` for every :data:`LayerNameList` field of a pydantic config."""
+    found = {}
+    for field, info in type(config).model_fields.items():
+        if LAYER_NAMES in info.metadata:
+            found[prefix + field] = list(getattr(config, field))
+    return found
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -58,6 +74,11 @@ class Quantizer(ABC):
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Raise :class:`UnsupportedScheme` for a scheme this method cannot produce."""
+
+    def layer_options(self) -> dict[str, list[str]]:
+        """Options naming linears of a decoder layer (``option -> names``), checked against
+        the model before work. Default: the config's :data:`LayerNameList` fields."""
+        return layer_name_options(self.config)
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         """Called once before the layer loop (e.g. to patch attention for KV quantization)."""
@@ -211,6 +232,13 @@ class Format(ABC):
     @classmethod
     def can_load(cls, path: Path) -> bool:
         return False
+
+    @classmethod
+    def diagnose(cls, path: Path) -> str | None:
+        """Why a folder this format cannot load still looks like its output (e.g. its
+        metadata file is gone), as a one-line message; None when it does not. Loading
+        refuses such a folder instead of reading it as a float model."""
+        return None
 
     @abstractmethod
     def save(

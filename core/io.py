@@ -1,25 +1,117 @@
-"""Atomic file and directory writes: an interrupted write never leaves a half-written output."""
+"""Safe outputs: atomic writes, a guard that refuses destructive targets, leftover cleanup.
+
+Guarantees (docs/architecture.md, "What qcore promises"):
+
+* A write is atomic: the output appears in one rename, complete, or not at all.
+* :func:`check_output_dir` runs before any work: it refuses a target that exists and is
+  not empty unless ``overwrite`` is given, and even then replaces only a folder that holds
+  nothing but model files; it never replaces the current directory, a folder holding an
+  input, the home directory or ``/``; it probes that the target can be created and that
+  the disk has room for the expected size.
+* Temporary and old folders that a killed process left next to a target
+  (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) are removed by the next write to that target,
+  or restored when the kill fell between the two renames of a replacement.
+* Outputs get the permissions of the umask, like any file the user creates.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from qcore.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+#: what a model folder may hold (weights, configs, tokenizer files); anything else in a
+#: folder marks it as the user's, which ``--overwrite`` never replaces
+MODEL_FILE_SUFFIXES = {".safetensors", ".json", ".jinja", ".model", ".tiktoken", ".gguf"}
+MODEL_FILE_NAMES = {"merges.txt", "vocab.txt", "README.md"}
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_leftovers(target: str | os.PathLike) -> list[str]:
+    """Remove what a killed write to ``target`` left behind; return what was done.
+
+    A ``.NAME.old-PID`` of a dead process while ``NAME`` is missing is the complete previous
+    output (the kill fell between the two renames): it is renamed back instead."""
+    target = Path(target).absolute()
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    done = []
+    for entry in sorted(parent.iterdir()):
+        m = _LEFTOVER.match(entry.name)
+        if not m or m["name"] != target.name or _pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not target.exists():
+            os.replace(entry, target)
+            done.append(f"restored {target} from {entry.name} (a replacement was killed "
+                         "between its two renames)")
+        else:
+            size = _size(entry)
+            _remove(entry)
+            done.append(f"removed {entry} ({size / 2**20:.1f} MB) left by killed process "
+                        f"{m['pid']}")
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
 
-    On any exception the temporary directory is removed and ``path`` is left untouched."""
+    On any exception the temporary directory is removed and ``path`` is left untouched.
+    A kill leaves ``.NAME.tmp-PID-*`` (and, between the renames, ``.NAME.old-PID``) that
+    the next write to ``path`` cleans up (:func:`clean_leftovers`)."""
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if target.exists():
@@ -37,10 +129,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    clean_leftovers(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -48,5 +142,91 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/infinity replaced by None, so it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_json(data: Any, **kwargs: Any) -> str:
+    """JSON text that never holds bare NaN/Infinity (they become null)."""
+    return json.dumps(json_safe(data), allow_nan=False, default=str, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, dumps_json(data, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- the guard
+def is_model_folder(path: Path) -> bool:
+    """A folder holding only model files (weights, configs, tokenizer) and no subfolder."""
+    entries = list(path.iterdir())
+    has_weights = any(e.suffix in (".safetensors", ".gguf") for e in entries)
+    return has_weights and all(
+        e.is_file() and (e.suffix in MODEL_FILE_SUFFIXES or e.name in MODEL_FILE_NAMES)
+        for e in entries if not _LEFTOVER.match(e.name))
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return probe
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike] = (), expected_bytes: int = 0,
+                     option: str = "--save") -> Path:
+    """Refuse, before any work, an output folder that would destroy something or cannot be
+    written. Returns the absolute target. ``inputs`` are files/folders the run reads."""
+    target = Path(os.path.expanduser(str(path))).resolve()
+    cwd = Path.cwd().resolve()
+    if _contains(target, cwd):
+        raise OutputError(f"{option} {path}: refusing to replace the current directory "
+                          "(or a folder containing it); name a new folder")
+    for special in (Path("/"), Path.home().resolve()):
+        if target == special:
+            raise OutputError(f"{option} {path}: refusing to replace {special}")
+    for item in inputs:
+        src = Path(os.path.expanduser(str(item))).resolve()
+        if src.exists() and _contains(target, src):
+            raise OutputError(f"{option} {path}: the run reads {item} from inside it; "
+                              "name a folder that holds none of the inputs")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(f"{option} {path}: exists and is a file, not a folder")
+        if any(not _LEFTOVER.match(e.name) for e in target.iterdir()):
+            if not overwrite:
+                raise OutputError(f"{option} {path}: folder exists and is not empty; pass "
+                                  "--overwrite to replace a saved model there")
+            if not is_model_folder(target):
+                odd = sorted(e.name for e in target.iterdir()
+                             if e.is_dir() or not (e.suffix in MODEL_FILE_SUFFIXES
+                                                   or e.name in MODEL_FILE_NAMES))
+                raise OutputError(
+                    f"{option} {path}: --overwrite only replaces a saved model folder; this "
+                    f"one holds other things ({', '.join(odd[:5]) or 'no weights'})")
+    clean_leftovers(target)
+    base = _nearest_existing(target.parent)
+    if not base.is_dir():
+        raise OutputError(f"{option} {path}: cannot create it, {base} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=f".{target.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot write in {base} "
+                          f"({exc.strerror or exc})") from exc
+    free = shutil.disk_usage(base).free
+    if expected_bytes > free:
+        raise OutputError(f"{option} {path}: about {expected_bytes / 2**20:.0f} MB needed, "
+                          f"{free / 2**20:.0f} MB free on the disk of {base}")
+    return target

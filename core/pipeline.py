@@ -18,6 +18,8 @@ Only one decoder layer and the activation cache live on the device at a time.
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,9 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from qcore.errors import NonFiniteError
+from qcore.finite import all_finite, nonfinite_tensors
 from qcore.interfaces import Backend, Quantizer
 from qcore.models.adapter import ArchitectureAdapter
 from qcore.quant.linear import cached_dequantization, replace_module
@@ -231,23 +236,56 @@ def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
+def _nonfinite_cause(name: str, method: str, layer: nn.Module, inputs: list[torch.Tensor],
+                     reference: list[torch.Tensor]) -> str:
+    """Why a layer's quantized outputs hold NaN/inf, with advice that fits the cause."""
+    where = f"{name}: the quantized layer's outputs hold NaN/inf"
+    if not all_finite(inputs):
+        return (f"{where} because its inputs already do (an earlier layer or the embeddings "
+                "produced them)")
+    if not all_finite(reference):
+        dtype = next(layer.parameters()).dtype
+        return (f"{where}, and so do the float layer's on the same inputs ({dtype}): the "
+                "model overflows on this calibration data; run in float32")
+    bad = nonfinite_tensors(layer)
+    if bad:
+        listed = "; ".join(f"{t}: {d}" for t, d in list(bad.items())[:3])
+        return (f"{where}: {method} wrote non-finite values into {listed}. The float layer "
+                f"is finite on the same inputs, so the method's solver diverged: change its "
+                "options (e.g. a larger damp for gptq, a lower lr for flatquant)")
+    return (f"{where} although its weights and the float layer's outputs are finite: the "
+            f"activation quantization or an online transform of {method} overflowed")
+
+
+def _layer_line(index: int, total: int, name: str, error: float, seconds: float) -> None:
+    """Progress for a log file: one line per layer when stderr is not a terminal."""
+    print(f"[{index + 1}/{total}] {name}: relative MSE {error:.3e} ({seconds:.1f}s)",
+          file=sys.stderr, flush=True)
+
+
 def check_group_size(model: nn.Module, adapter: ArchitectureAdapter, scheme: QuantScheme) -> None:
     """Fail before any work if the weight group size does not divide a layer's inputs."""
     g = scheme.weights.group_size
     if scheme.weights.granularity != "group" or g is None:
         return
     bad: dict[str, list[str]] = {}
+    common = 0
     for i, layer in enumerate(adapter.decoder_layers()):
         for name in adapter.linear_names():
             in_features = layer.get_submodule(name).in_features
+            common = math.gcd(common, in_features)
             if in_features % g:
                 bad.setdefault(f"{name} ({in_features})", []).append(str(i))
     if bad:
         where = "; ".join(f"{adapter.layer_prefix(int(ids[0])).rsplit('.', 1)[0]}."
                           f"{{{ids[0]}..{ids[-1]}}}.{name}" for name, ids in bad.items())
+        fits = 1
+        while fits * 2 <= g and common % (fits * 2) == 0:
+            fits *= 2
         raise ValueError(
             f"group_size {g} does not divide the input features of: {where}. "
-            f"Pick a group size that divides them (e.g. 64 or 32)."
+            f"The largest power of two below it that divides every layer is {fits}: "
+            f"pass --group-size {fits}."
         )
 
 
@@ -288,7 +326,8 @@ def run_layerwise(
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    live = progress and Console(stderr=True).is_terminal
+    with Progress(*columns, disable=not live, transient=False) as bar:
         task = bar.add_task(f"{quantizer.name} layers", total=len(layers), info="")
         for index, layer in enumerate(layers):
             t0 = time.perf_counter()
@@ -303,6 +342,9 @@ def run_layerwise(
                 ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
                 stats = quantizer.quantize_layer(ctx) or {}
                 q_outputs = ctx.forward(batches=None if need_q else n_error)
+            if not all_finite(q_outputs):
+                raise NonFiniteError(_nonfinite_cause(name, quantizer.name, layer, inputs,
+                                                      ctx.reference_outputs))
             error = relative_mse(ctx.reference_outputs[:n_error], q_outputs)
             inputs = q_outputs if need_q else ctx.fp_outputs
             del ctx, q_outputs
@@ -318,6 +360,8 @@ def run_layerwise(
             if plugins is not None:
                 plugins.hook.qcore_layer_quantized(report=layer_report)
             bar.update(task, advance=1, info=f"{name} rel-mse {error:.2e}")
+            if progress and not live:
+                _layer_line(index, len(layers), name, error, layer_report.seconds)
             log.info("%s: relative MSE %.3e (%.1fs)", name, error, layer_report.seconds)
     quantizer.finalize(model, adapter)
     mem = backend.memory_stats()

@@ -1,12 +1,22 @@
 """Plugin discovery and the registries built from the registration hooks.
 
-Plugins come from the ``qcore`` entry-point group (built-in ones too). A plugin that fails
-to import or to register is recorded with its distribution and error, and the rest keep
-working. ``QCORE_BLOCK_PLUGINS=name1,name2`` skips entry points by name.
+Plugins come from the ``qcore`` entry-point group (built-in ones too). One broken plugin
+never takes the others down; each of these is recorded (``qcore list-plugins`` shows it
+with the reason) and left out:
+
+* a plugin that fails to import, or whose registration hook raises (the whole plugin);
+* a hook implementation pluggy refuses (an argument the hook does not have) or a hook
+  name no spec declares, e.g. a misspelling (the whole plugin);
+* a registered object that does not implement its kind's contract (that registration);
+* a name registered twice: qcore's own registration wins over a third party's, else the
+  first one loaded (the later registration).
+
+``QCORE_BLOCK_PLUGINS=name1,name2`` skips entry points by name; an unknown name warns.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterable
@@ -39,10 +49,6 @@ class PluginError(RuntimeError):
     pass
 
 
-class DuplicateRegistration(PluginError):
-    pass
-
-
 class UnknownName(PluginError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
@@ -62,7 +68,7 @@ class PluginFailure(BaseModel):
     name: str
     distribution: str | None
     error: str
-    stage: str  # "import" or "register"
+    stage: str  # "import", "validate", "register" or "contract"
 
 
 class Registration(BaseModel):
@@ -71,6 +77,31 @@ class Registration(BaseModel):
     name: str
     plugin: str
     description: str = ""
+
+
+def _contracts() -> dict[str, type]:
+    from qcore.interfaces import Backend, Dataset, Evaluator, Format, Quantizer
+    from qcore.models.adapter import ArchitectureAdapter
+
+    return {"quantizer": Quantizer, "backend": Backend, "evaluator": Evaluator,
+            "dataset": Dataset, "format": Format, "architecture": ArchitectureAdapter}
+
+
+def contract_problem(kind: str, obj: Any) -> str | None:
+    """Why ``obj`` cannot serve as a ``kind`` registration, or None if it can."""
+    if kind == "module":
+        return None if inspect.isclass(obj) else f"{obj!r} is not a class"
+    base = _contracts()[kind]
+    if not inspect.isclass(obj) or not issubclass(obj, base):
+        return f"{obj!r} is not a subclass of {base.__module__}.{base.__name__}"
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+        return f"{obj.__name__} does not implement {missing}"
+    config = getattr(obj, "Config", None)
+    if kind in ("quantizer", "evaluator") and not (
+            inspect.isclass(config) and issubclass(config, BaseModel)):
+        return f"{obj.__name__}.Config is not a pydantic model"
+    return None
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None]:
@@ -98,14 +129,20 @@ class PluginManager:
         self.failures: list[PluginFailure] = []
         self.registrations: list[Registration] = []
         self._registries: dict[str, dict[str, Any]] | None = None
+        self.unknown_blocked: list[str] = []
         if load_entry_points:
             self._load_entry_points()
         for name, obj in extra_plugins:
-            self.add_plugin(obj, name=name)
+            self._add_isolated(obj, name=name)
 
     # ------------------------------------------------------------------ loading
     def _load_entry_points(self) -> None:
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        self.unknown_blocked = sorted(self.blocked - {ep.name for ep in eps})
+        for name in self.unknown_blocked:
+            log.warning("%s names %r, but no installed plugin has that name (installed: %s)",
+                        BLOCK_ENV, name, ", ".join(ep.name for ep in eps))
+        for ep in eps:
             dist_name, version = _dist_of(ep)
             if ep.name in self.blocked:
                 log.info("plugin %s blocked by %s", ep.name, BLOCK_ENV)
@@ -127,16 +164,35 @@ class PluginManager:
                     error=f"{type(exc).__name__}: {exc}",
                 ))
                 continue
-            self.add_plugin(module, name=ep.name, distribution=dist_name, version=version)
+            self._add_isolated(module, name=ep.name, distribution=dist_name, version=version)
+
+    def _add_isolated(self, obj: Any, name: str, distribution: str | None = None,
+                      version: str | None = None) -> None:
+        """:meth:`add_plugin`, recording a refused plugin as a failure instead of raising."""
+        try:
+            self.add_plugin(obj, name=name, distribution=distribution, version=version)
+        except PluginError as exc:
+            log.warning("plugin %s (%s) left out: %s", name, distribution, exc)
+            self.failures.append(PluginFailure(name=name, distribution=distribution,
+                                               stage="validate", error=str(exc)))
 
     def add_plugin(
         self, obj: Any, name: str, distribution: str | None = None, version: str | None = None
     ) -> None:
-        """Register a plugin object directly (tests, listeners passed to the API)."""
-        self.pm.register(obj, name=name)
-        hooks = sorted(
-            caller.name for caller in self.pm.get_hookcallers(obj) or []
-        )
+        """Register a plugin object directly (tests, listeners passed to the API). A hook
+        implementation pluggy refuses, or a hook no spec declares, is a PluginError and
+        leaves nothing registered."""
+        try:
+            self.pm.register(obj, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name}: {exc}") from None
+        callers = self.pm.get_hookcallers(obj) or []
+        unknown = sorted(c.name for c in callers if not c.has_spec())
+        if unknown:
+            self.pm.unregister(obj, name=name)
+            raise PluginError(f"plugin {name}: no hook named {', '.join(unknown)} (misspelt? "
+                              "the hooks are listed in qcore.hookspecs)")
+        hooks = sorted(caller.name for caller in callers)
         self.plugins[name] = PluginInfo(
             name=name, distribution=distribution, version=version,
             module=getattr(obj, "__name__", type(obj).__name__), hooks=hooks,
@@ -153,47 +209,64 @@ class PluginManager:
         registries: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         owners: dict[tuple[str, str], str] = {}
         self.registrations = []
+        self.failures = [f for f in self.failures if f.stage in ("import", "validate")]
         failed = {f.name for f in self.failures}
         for kind, hook_name in KINDS.items():
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            impls = list(caller.get_hookimpls())  # registration order
+            impls.sort(key=lambda impl: not self._is_builtin(impl.plugin_name))  # stable
+            for impl in impls:
                 plugin = impl.plugin_name
+                if plugin in failed:
+                    continue
+                offered: list[tuple[str, Any]] = []
 
-                def register(*args: Any, _kind=kind, _plugin=plugin) -> None:
+                def register(*args: Any, _kind=kind, _offered=offered) -> None:
                     if _kind == "module":
                         reg_name, obj = args
                     else:
                         (obj,) = args
                         reg_name = getattr(obj, "name", None)
-                        if not reg_name:
-                            raise PluginError(f"{_kind} {obj!r} from plugin {_plugin} has no name")
-                    key = (_kind, reg_name)
-                    if key in owners:
-                        raise DuplicateRegistration(
-                            f"{_kind} {reg_name!r} is registered by both plugin "
-                            f"{owners[key]!r} and plugin {_plugin!r}"
-                        )
-                    owners[key] = _plugin
-                    registries[_kind][reg_name] = obj
-                    self.registrations.append(Registration(
-                        kind=_kind, name=reg_name, plugin=_plugin,
-                        description=(getattr(obj, "description", "") or "").strip(),
-                    ))
+                    _offered.append((reg_name, obj))
 
-                if plugin in failed:
-                    continue
                 try:
                     impl.function(register=register)
-                except DuplicateRegistration:
-                    raise
                 except Exception as exc:
-                    info = self.plugins.get(plugin)
-                    self.failures.append(PluginFailure(
-                        name=plugin, distribution=info.distribution if info else None,
-                        stage="register", error=f"{type(exc).__name__}: {exc}",
-                    ))
+                    self._fail(plugin, "register", f"{type(exc).__name__}: {exc}")
                     failed.add(plugin)
+                    continue
+                for reg_name, obj in offered:
+                    problem = None
+                    if not isinstance(reg_name, str) or not reg_name:
+                        problem = f"{kind} {obj!r} has no name"
+                    elif (kind, reg_name) in owners:
+                        problem = (f"{kind} {reg_name!r} is already registered by plugin "
+                                   f"{owners[kind, reg_name]!r}; this one is left out")
+                    else:
+                        problem = contract_problem(kind, obj)
+                        if problem:
+                            problem = f"{kind} {reg_name!r}: {problem}; left out"
+                    if problem:
+                        self._fail(plugin, "contract", problem)
+                        continue
+                    owners[kind, reg_name] = plugin
+                    registries[kind][reg_name] = obj
+                    self.registrations.append(Registration(
+                        kind=kind, name=reg_name, plugin=plugin,
+                        description=(getattr(obj, "description", "") or "").strip(),
+                    ))
         return registries
+
+    def _is_builtin(self, plugin: str) -> bool:
+        info = self.plugins.get(plugin)
+        return info is not None and info.distribution == "qcore"
+
+    def _fail(self, plugin: str, stage: str, error: str) -> None:
+        info = self.plugins.get(plugin)
+        log.warning("plugin %s: %s", plugin, error)
+        self.failures.append(PluginFailure(
+            name=plugin, distribution=info.distribution if info else None, stage=stage,
+            error=error))
 
     def registry(self, kind: str) -> dict[str, Any]:
         if kind not in KINDS:
@@ -232,6 +305,7 @@ class PluginManager:
                 "plugin": reg.plugin,
                 "version": info.version if info else None,
                 "distribution": info.distribution if info else None,
+                "module": info.module if info else None,
                 "hooks": info.hooks if info else [],
                 "description": reg.description,
             })
@@ -240,6 +314,7 @@ class PluginManager:
             "plugins": [p.model_dump() for p in self.plugins.values()],
             "failures": [f.model_dump() for f in self.failures],
             "blocked": sorted(self.blocked),
+            "unknown_blocked": self.unknown_blocked,
         }
 
 

@@ -131,3 +131,20 @@ class CollectLayerReports:
     @hookimpl
     def qcore_layer_quantized(self, report):
         self.reports.append(report)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_tokenizer):
+    """tmp_path holding ``tiny/`` (a saved tiny Qwen2 with tokenizer) and ``calib.txt``."""
+    model = make_tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text("\n\n".join(["Some calibration prose about code."] * 400))
+    return tmp_path
+
+
+def rtn_args(folder, *extra):
+    """`qcore quantize` arguments for a fast RTN W4A16 g32 run of ``folder``'s tiny model."""
+    return ["quantize", "--model", str(folder / "tiny"), "--method", "rtn", "--scheme", "W4A16",
+            "--group-size", "32", "--calib", str(folder / "calib.txt"), "--samples", "2",
+            "--seq-len", "16", "--batch-size", "1", "--no-progress", *extra]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qcore.errors import ConfigError
 from qcore.io import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,80 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_gguf(path: Path) -> None:
+    """Read a GGUF file's header and tensor table; a truncated or foreign file is a
+    one-line error naming it (the reader itself fails with struct/index errors)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader's errors say nothing of the file
+        raise ConfigError(f"GGUF file {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "is it truncated or not a GGUF file?") from exc
+    size = path.stat().st_size
+    if not reader.tensors or end > size:
+        raise ConfigError(f"GGUF file {path} is truncated: its tensors need {end} bytes, the "
+                          f"file has {size}")
+
+
+def check_model_folder(path: Path) -> None:
+    """A model folder must hold a readable config.json (error names the line)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"model folder {path} has no config.json")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config} line {exc.lineno} column {exc.colno}: not valid JSON "
+                          f"({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config}: not UTF-8 text") from exc
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"{config}: no model_type field; is this a transformers model?")
+
+
+def check_model_source(source: str) -> Path | None:
+    """Validate ``--model`` before anything loads: an existing folder or .gguf file (its
+    path returned), or a Hugging Face hub id (None). A path that does not exist is not
+    mistaken for a hub id."""
+    source = resolve_model_source(source)
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        if path.is_dir():
+            check_model_folder(path)
+        elif path.suffix == ".gguf":
+            check_gguf(path)
+        else:
+            raise ConfigError(f"--model {source}: a file that is not .gguf; give a model "
+                              "folder, a .gguf file or a hub id")
+        return path
+    looks_like_path = (source.startswith(("/", ".", "~")) or source.count("/") > 1
+                       or path.suffix in (".gguf", ".safetensors", ".bin", ".json")
+                       or not _HUB_ID.match(source))
+    if looks_like_path:
+        raise ConfigError(f"--model {source}: no such file or folder")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+            "TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+        raise ConfigError(f"--model {source}: not a local folder, and {source!r} cannot be "
+                          "fetched as a hub id while HF_HUB_OFFLINE is set")
+    return None
+
+
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer alone (to tokenize calibration text before the model loads)."""
+    path = Path(resolve_model_source(source))
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Dequantize a GGUF file into a plain transformers model (needs the ``gguf`` package)."""
+    check_gguf(path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -43,8 +118,12 @@ def load_hf(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """A local HF folder, or a hub id (needs network access)."""
     if not Path(source).exists():
         log.info("%s is not a local path: trying it as a Hugging Face hub id", source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model {source}: cannot load it ({first})") from exc
     return model, tokenizer
 
 
@@ -91,10 +170,9 @@ def resolve_model_source(source: str) -> str:
 
 def load_float_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     source = resolve_model_source(source)
+    check_model_source(source)
     path = Path(source)
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
         return load_gguf(path, dtype)
     model, tokenizer = load_hf(source, dtype)
     return model, tokenizer

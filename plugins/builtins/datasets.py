@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qcore.data import read_utf8
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Dataset, DataSpec
 
@@ -25,7 +26,7 @@ class TextFile(Dataset):
         return Path(source).suffix.lower() in (".txt", ".md", ".raw", ".text")
 
     def load_text(self, spec: DataSpec) -> str:
-        return _existing(spec.source).read_text(encoding="utf-8")
+        return read_utf8(_existing(spec.source))
 
 
 class JSONLines(Dataset):
@@ -39,20 +40,32 @@ class JSONLines(Dataset):
     def load_text(self, spec: DataSpec) -> str:
         docs = []
         path = _existing(spec.source)
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column "
+                                 f"{exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
             if spec.field is not None:
                 if spec.field not in record:
-                    raise KeyError(f"{path}:{lineno} has no field {spec.field!r}")
+                    raise ValueError(f"{path}:{lineno}: no field {spec.field!r} (fields: "
+                                     f"{', '.join(sorted(record)) or 'none'})")
                 docs.append(str(record[spec.field]))
             elif "text" in record:
                 docs.append(str(record["text"]))
             elif "question" in record and "answer" in record:
                 docs.append(f"{record['question']}\n{record['answer']}")
             else:
-                raise KeyError(f"{path}:{lineno}: name the text field with field=")
+                raise ValueError(f"{path}:{lineno}: no 'text' field (fields: "
+                                 f"{', '.join(sorted(record)) or 'none'}); name the text "
+                                 "field with --calib-field / field=")
+        if not docs:
+            raise ValueError(f"{path}: no records")
         return "\n\n".join(docs)
 
 

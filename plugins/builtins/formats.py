@@ -6,34 +6,132 @@ Layout of a saved folder::
     config.json         the transformers model config
     tokenizer files     as the tokenizer saves them
     qcore.json          run configuration, scheme, versions, a spec per QuantLinear and
-                        per KV-cache quantizer
+                        per KV-cache quantizer, and a manifest: every tensor's name, shape,
+                        dtype and SHA-256
 
-Saving is atomic (a temporary sibling folder renamed into place); loading rebuilds the
-model skeleton without allocating weights, swaps in QuantLinear modules from their specs
-and assigns the stored tensors, so outputs are bit-identical to the saved model's.
+Saving is atomic (a temporary sibling folder renamed into place); loading validates
+qcore.json against :class:`QcoreMetadata` (unknown or malformed fields are errors), checks
+every stored tensor against the manifest (a missing, extra, reshaped, retyped or altered
+tensor is an error naming it), rebuilds the model skeleton without allocating weights,
+swaps in QuantLinear modules from their specs and assigns the stored tensors, so outputs
+are bit-identical to the saved model's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import init_empty_weights
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from qcore.config import validation_summary
+from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
-from qcore.io import atomic_directory
+from qcore.io import atomic_directory, dumps_json
 from qcore.quant.kvcache import kv_specs, restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor manifest; 1 (no manifest) still loads, unverified
+#: safetensors header key marking a qcore file, so a folder that lost its qcore.json is
+#: recognised and refused rather than loaded as a float model
+HEADER_KEY = "qcore_format_version"
+#: buffer names only a QuantLinear has (for folders saved before HEADER_KEY existed)
+QUANT_TENSOR_SUFFIXES = (".qweight", ".g_idx")
+
+log = logging.getLogger(__name__)
+
+
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int]
+    dtype: str
+    sha256: str
+
+
+class QcoreMetadata(BaseModel):
+    """What qcore.json may hold; anything else in it is an error naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["qcore"]
+    format_version: StrictInt = Field(ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    quantized_layers: dict[str, dict[str, Any]]
+    kv_cache: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    attn_implementation: str | None = None
+    tensors: dict[str, TensorEntry] | None = None
+    run: dict[str, Any] | None = None
+    scheme: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    versions: dict[str, str | None] = Field(default_factory=dict)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (C order)."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                   "sha256": tensor_digest(t)} for name, t in tensors.items()}
+
+
+def read_metadata(path: Path) -> QcoreMetadata:
+    """Parse and validate qcore.json; every problem is a one-line SavedModelError."""
+    file = Path(path) / METADATA_FILE
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SavedModelError(f"{file} line {exc.lineno} column {exc.colno}: not valid JSON "
+                              f"({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SavedModelError(f"{file}: unreadable ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise SavedModelError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise SavedModelError(f"{file}: saved by a newer qcore (format_version {version} > "
+                              f"{FORMAT_VERSION}); upgrade qcore to load it")
+    try:
+        return QcoreMetadata.model_validate(raw)
+    except ValidationError as exc:
+        raise SavedModelError(f"{file}: {validation_summary(exc)}") from exc
+
+
+def verify_tensors(path: Path, state: dict[str, torch.Tensor],
+                   expected: dict[str, TensorEntry]) -> None:
+    """Every tensor the manifest lists, with its shape, dtype and bytes, and no other."""
+    file = Path(path) / WEIGHTS_FILE
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise SavedModelError(f"{file}: tensor {missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise SavedModelError(f"{file}: tensor {extra[0]} is not in the manifest of "
+                              f"{METADATA_FILE}" + (f" (and {len(extra) - 1} more)"
+                                                    if len(extra) > 1 else ""))
+    for name, entry in expected.items():
+        t = state[name]
+        dtype = str(t.dtype).removeprefix("torch.")
+        if list(t.shape) != entry.shape or dtype != entry.dtype:
+            raise SavedModelError(f"{file}: tensor {name} is {dtype} {list(t.shape)}, the "
+                                  f"manifest says {entry.dtype} {entry.shape}")
+        if tensor_digest(t) != entry.sha256:
+            raise SavedModelError(f"{file}: tensor {name} was altered after saving (its "
+                                  "SHA-256 differs from the manifest)")
 
 
 def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,6 +145,15 @@ def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
         seen[key] = name
         out[name] = tensor.detach().contiguous().cpu()
     return out
+
+
+def _declares_quantization(path: Path) -> bool:
+    """Whether config.json says how its quantized tensors are stored (GPTQ/AWQ exports)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "quantization_config" in config
 
 
 class QcoreFormat(Format):
@@ -64,26 +171,59 @@ class QcoreFormat(Format):
             for name, module in model.named_modules() if isinstance(module, QuantLinear)
         }
         dtype = next(model.parameters()).dtype
+        tensors = _tensors_for_saving(model)
         meta = {**metadata, "format": self.name, "format_version": FORMAT_VERSION,
                 "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers,
                 "kv_cache": kv_specs(model),
-                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+                "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                "tensors": manifest(tensors)}
+        try:  # never write what would not load
+            QcoreMetadata.model_validate(json.loads(dumps_json(meta)))
+        except ValidationError as exc:
+            raise ValueError(f"metadata for {path}: {validation_summary(exc)}") from exc
         with atomic_directory(path) as tmp:
-            save_file(_tensors_for_saving(model), str(tmp / WEIGHTS_FILE),
-                      metadata={"format": "pt"})
+            save_file(tensors, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt", HEADER_KEY: str(FORMAT_VERSION)})
             model.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            (tmp / METADATA_FILE).write_text(dumps_json(meta, indent=2) + "\n")
         return SavedModel(path=Path(path), metadata=meta)
+
+    @classmethod
+    def diagnose(cls, path: Path) -> str | None:
+        file = Path(path) / WEIGHTS_FILE
+        if cls.can_load(path) or not file.is_file():
+            return None
+        try:
+            with safe_open(str(file), "pt") as f:
+                header = f.metadata() or {}
+                keys = list(f.keys())
+        except (SafetensorError, OSError):
+            return None
+        marked = HEADER_KEY in header
+        quant = [k for k in keys if k.endswith(QUANT_TENSOR_SUFFIXES)]
+        if marked or (quant and not _declares_quantization(path)):
+            return (f"{path} holds qcore quantized tensors ({quant[0] if quant else file.name}) "
+                    f"but no {METADATA_FILE}: without it the model cannot be rebuilt (it would "
+                    "load as a float model with random weights); restore the file or "
+                    "quantize again")
+        return None
 
     def load(self, path: Path, modules: dict[str, type[nn.Module]]) -> tuple[nn.Module, Any, dict]:
         path = Path(path)
-        meta = json.loads((path / METADATA_FILE).read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was saved by a newer qcore (format_version "
-                             f"{meta['format_version']} > {FORMAT_VERSION})")
-        dtype = getattr(torch, meta.get("dtype", "float32"))
+        parsed = read_metadata(path)
+        meta = parsed.model_dump()
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise SavedModelError(f"{path / WEIGHTS_FILE}: unreadable ({exc})") from exc
+        if parsed.tensors is None:
+            log.warning("%s has no tensor manifest (format_version %d): its tensors are not "
+                        "verified", path, parsed.format_version)
+        else:
+            verify_tensors(path, state, parsed.tensors)
+        dtype = getattr(torch, parsed.dtype)
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -94,15 +234,16 @@ class QcoreFormat(Format):
             transform = build_transform(spec.input_transform, modules, name)
             replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
         restore_kv_quantization(model, meta.get("kv_cache", {}), modules)
-        state = load_file(str(path / WEIGHTS_FILE))
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
-            raise ValueError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
+            raise SavedModelError(f"{path}: tensors the model has no place for: "
+                                  f"{result.unexpected_keys[:5]}")
         model.tie_weights()
         still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         still_meta += [n for n, b in model.named_buffers() if b.device.type == "meta"]
         if still_meta:
-            raise ValueError(f"{path}: tensors missing from {WEIGHTS_FILE}: {still_meta[:5]}")
+            raise SavedModelError(f"{path}: tensors missing from {WEIGHTS_FILE}: "
+                                  f"{still_meta[:5]}")
         model.eval()
         tokenizer = None
         try:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from qcore.errors import NonFiniteError
 from qcore.interfaces import Quantizer, UnsupportedScheme
 from qcore.pipeline import LayerContext
 from qcore.quant.kvcache import (
@@ -46,6 +47,17 @@ from qcore_flatquant.transforms import (
     kron_matmul,
     random_orthogonal,
 )
+
+
+def _diverged(layer: str, epoch: int, step: int, loss: float, lr: float, start: float
+              ) -> str:
+    """The message for a training step whose loss is NaN/inf, with the likely cause."""
+    where = f"flatquant: {layer}, epoch {epoch}, step {step}: training loss is {loss}"
+    if start != start or start == float("inf"):
+        return (f"{where}, and was already non-finite before training: the layer's inputs "
+                "or its float targets hold NaN/inf")
+    return (f"{where} (started at {start:.3e}): the optimisation diverged; lower lr "
+            f"(now {lr:g}) or the clip learning-rate multiplier")
 
 
 class FlatQuantConfig(BaseModel):
@@ -586,15 +598,15 @@ class FlatQuantQuantizer(Quantizer):
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(
                     opt, T_max=total, eta_min=cfg.lr * cfg.min_lr_ratio)
                 with torch.enable_grad():
-                    for _ in range(cfg.epochs):
+                    for epoch in range(cfg.epochs):
                         acc = 0.0
-                        for x, y in batches:
+                        for step, (x, y) in enumerate(batches):
                             with autocast():
                                 out = _out(ctx.layer(x, **kw))
                             loss = F.mse_loss(out.float(), y.float())
                             if not torch.isfinite(loss):
-                                raise FloatingPointError(
-                                    f"flatquant: non-finite training loss in {ctx.name}")
+                                raise NonFiniteError(_diverged(ctx.name, epoch, step,
+                                                               float(loss), cfg.lr, loss_start))
                             acc += float(loss.detach())
                             objective = loss / loss.detach() if cfg.normalize_loss else loss
                             opt.zero_grad(set_to_none=True)

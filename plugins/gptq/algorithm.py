@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcore.errors import NonFiniteError
 from qcore.quant.qparams import fake_quantize, qparams_from_range
 from qcore.schemes import QuantArgs
 
@@ -147,6 +148,12 @@ def inverse_cholesky_upper(
     cholesky = cholesky or (lambda a, upper=False: torch.linalg.cholesky(a, upper=upper))
     cholesky_inverse = cholesky_inverse or (
         lambda f, upper=False: torch.cholesky_inverse(f, upper=upper))
+    if not bool(torch.isfinite(H).all()):
+        bad = int((~torch.isfinite(H)).sum())
+        raise NonFiniteError(
+            f"{name}: its Hessian (X^T X of the inputs) holds {bad} NaN/inf entries, so the "
+            "inputs were not finite: an earlier layer or the source weights produced them. "
+            "No damping can fix this.")
     mean_diag = float(torch.diagonal(H).mean())
     last_error = ""
     for step in range(max_steps + 1):
@@ -165,7 +172,8 @@ def inverse_cholesky_upper(
             log.warning("%s: Cholesky failed with damp %.4g x mean(diag H) (%s); raising it "
                         "to %.4g", name, rel, last_error, rel + damp_step)
     raise CholeskyFailed(
-        f"{name}: the Hessian is not positive definite even with damp "
+        f"{name}: the Hessian (finite, from finite inputs) is not positive definite even "
+        f"with damp "
         f"{damp + max_steps * damp_step:.4g} x mean(diag H) = {mean_diag:.4g} after "
         f"{max_steps} raises of damp_step={damp_step} (last error: {last_error}). Raise damp, "
         f"damp_step or damp_max_steps, or calibrate on more tokens."

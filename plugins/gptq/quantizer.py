@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from qcore.interfaces import Quantizer, UnsupportedScheme
+from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
 from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
 from qcore.quant.qparams import fake_quantize_weight, qparams_from_range
@@ -72,7 +72,7 @@ class GPTQConfig(BaseModel):
         default=True,
         description="collect each sequential group's Hessians with the earlier groups of the "
                     "layer already quantized; false: one pass with the whole layer in float")
-    skip: list[str] = Field(
+    skip: LayerNameList = Field(
         default_factory=list,
         description="linear names (relative to a decoder layer) left in full precision")
 

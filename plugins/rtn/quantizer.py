@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from qcore.interfaces import Quantizer, UnsupportedScheme
+from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
 from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
 from qcore.quant.qparams import qparams_from_range
@@ -19,7 +19,7 @@ from qcore.schemes import QuantScheme
 
 class RTNConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    skip: list[str] = Field(
+    skip: LayerNameList = Field(
         default_factory=list,
         description="linear names (relative to a decoder layer) left in full precision",
     )

@@ -215,6 +215,13 @@ class SmoothQuantQuantizer(Quantizer):
             self._weight_quantizer = cls(options, self._inner_scheme())
         return self._weight_quantizer
 
+    def layer_options(self) -> dict[str, list[str]]:
+        found = super().layer_options()
+        if self.config.quantize:
+            inner = self.weight_quantizer(None).layer_options()
+            found.update({f"weight_options.{k}": v for k, v in inner.items()})
+        return found
+
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         if not self.config.quantize:
             return

@@ -1,19 +1,9 @@
 import json
 
 import pytest
+from conftest import rtn_args
 
 from qcore.cli import main
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_tokenizer):
-    from conftest import make_tiny_model
-
-    model = make_tiny_model("qwen2")
-    model.save_pretrained(tmp_path / "tiny")
-    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "calib.txt").write_text("\n\n".join(["Some calibration prose about code."] * 400))
-    return tmp_path
 
 
 def test_quantize_then_evaluate_saved_model(tiny_folder, capsys):
@@ -70,3 +60,132 @@ def test_bad_input_fails_up_front_with_the_field(tiny_folder, capsys, extra, fra
 def test_schemes_command(capsys):
     assert main(["schemes", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["W4A4KV4"]["kv_cache"]["bits"] == 4
+
+
+# ----------------------------------------------------------------------------- bad input
+def _fails_with(args, capsys, *fragments):
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the float model is loaded: the error must come before."""
+    from qcore import api
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(api, "load_model", never)
+
+
+def test_nonexistent_model_path_is_not_reported_as_a_hub_id(tiny_folder, capsys):
+    for missing in (str(tiny_folder / "nope"), "./nope", "models/a/b", "nope.gguf"):
+        err = _fails_with(["evaluate", "--model", missing], capsys, "no such file or folder")
+        assert "hub" not in err
+
+
+def test_corrupt_config_json_names_the_line(tiny_folder, capsys, no_model_load):
+    config = tiny_folder / "tiny" / "config.json"
+    config.write_text(config.read_text().replace('"model_type"', '"model_type" "', 1))
+    _fails_with(rtn_args(tiny_folder), capsys, "config.json line", "not valid JSON")
+
+
+def test_truncated_gguf_is_named(tmp_path, capsys):
+    from qcore.models.loading import smollm2_gguf
+
+    try:
+        data = smollm2_gguf().read_bytes()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    for size in (1000, len(data) // 2):
+        (tmp_path / "cut.gguf").write_bytes(data[:size])
+        _fails_with(["evaluate", "--model", str(tmp_path / "cut.gguf")], capsys,
+                    f"GGUF file {tmp_path / 'cut.gguf'}", "truncated")
+
+
+@pytest.mark.parametrize("value", ["skip=[mlp.down_proj", "skip={a: [}"])
+def test_malformed_yaml_in_set_names_the_option(tiny_folder, capsys, value):
+    _fails_with(rtn_args(tiny_folder, "--set", value), capsys, f"--set '{value}'",
+                "not valid YAML")
+
+
+def test_malformed_config_file_names_the_line(tiny_folder, capsys):
+    cfg = tiny_folder / "run.yaml"
+    cfg.write_text("model: m\nmethod: rtn\ncalibration: {samples: [1\n")
+    _fails_with(["quantize", "--config", str(cfg)], capsys, "run.yaml: not valid YAML",
+                "line 4")
+    cfg.write_text("model: m\nmethd: rtn\n")
+    _fails_with(["quantize", "--config", str(cfg)], capsys, "methd: unknown field")
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ('{"text": "a"}\n{"body": "b"}\n', ["calib.jsonl:2: no 'text' field (fields: body)"]),
+    ('{"text": "a"}\n\n{"text": "b",}\n', ["calib.jsonl:3: not valid JSON"]),
+    ("", ["calib.jsonl: no records"]),
+], ids=["missing-field", "malformed-line", "empty"])
+def test_jsonl_problems_name_file_and_line(tiny_folder, capsys, no_model_load, content,
+                                           fragments):
+    (tiny_folder / "calib.jsonl").write_text(content)
+    args = rtn_args(tiny_folder)
+    args[args.index("--calib") + 1] = str(tiny_folder / "calib.jsonl")
+    _fails_with(args, capsys, *fragments)
+
+
+def test_non_utf8_calibration_file_names_file_and_line(tiny_folder, capsys, no_model_load):
+    (tiny_folder / "calib.txt").write_bytes(b"fine line\nsecond\nbad \xff byte\n")
+    _fails_with(rtn_args(tiny_folder), capsys, "calib.txt:3: not UTF-8 text (byte 0xff")
+
+
+def test_too_short_calibration_text_fails_before_the_model_loads(tiny_folder, capsys,
+                                                                 no_model_load):
+    (tiny_folder / "calib.txt").write_text("only a few words")
+    _fails_with(rtn_args(tiny_folder), capsys, "calibration data", "samples=2 windows of "
+                "seq_len=16 need 32 tokens")
+
+
+def test_misspelt_layer_name_in_skip_is_refused(tiny_folder, capsys):
+    _fails_with(rtn_args(tiny_folder, "--set", "skip=[mlp.dwn_proj]"), capsys,
+                "rtn option skip: 'mlp.dwn_proj' is not a linear", "mlp.down_proj")
+    _fails_with(rtn_args(tiny_folder, "--method", "smoothquant", "--scheme", "W8A8",
+                         "--set", "weight_options={skip: [q_prj]}"), capsys,
+                "option weight_options.skip: 'q_prj'")
+
+
+def test_default_group_size_that_cannot_work_is_explained(tiny_folder, capsys):
+    args = rtn_args(tiny_folder)
+    i = args.index("--group-size")
+    del args[i:i + 2]
+    _fails_with(args, capsys, "group_size 128 does not divide", "pass --group-size 64")
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    from qcore.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+        with pytest.raises(SystemExit):
+            command.parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        if name == "quantize":
+            for shown in ("(default: rtn)", "(default: W4A16)", "(default: 128)",
+                          "(default: 512)", "(default: 4)", "(default: cpu)", "(default: qcore)",
+                          "--overwrite"):
+                assert shown in text, shown
+
+
+def test_progress_is_one_line_per_layer_when_redirected(tiny_folder, capsys):
+    args = [a for a in rtn_args(tiny_folder) if a != "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] model.layers.0: relative MSE" in err and "[2/2] model.layers.1" in err

@@ -49,7 +49,7 @@ def test_registry_detects_and_names_sources(plugins, tmp_path):
         reg.text(DataSpec(source="unknown.bin"))
     with pytest.raises(ValueError, match="not registered"):
         reg.text(DataSpec(source="x", dataset="nope"))
-    with pytest.raises(KeyError, match="b.jsonl:1 has no field 'text2'"):
+    with pytest.raises(ValueError, match="b.jsonl:1: no field 'text2'"):
         reg.text(DataSpec(source=str(tmp_path / "b.jsonl"), field="text2"))
 
 

@@ -6,7 +6,7 @@ import pytest
 from qcore import hookimpl
 from qcore.cli import main
 from qcore.interfaces import Quantizer
-from qcore.plugins import DuplicateRegistration, PluginManager, UnknownName
+from qcore.plugins import PluginManager, UnknownName
 
 
 class _Named(Quantizer):
@@ -39,11 +39,13 @@ def test_builtin_plugins_come_from_entry_points(plugins):
     assert "qcore_register_quantizers" in info.hooks
 
 
-def test_duplicate_registration_names_both_plugins():
+def test_duplicate_registration_keeps_the_first_and_reports_the_second():
     pm = PluginManager(load_entry_points=False, extra_plugins=[("a", PluginA()), ("b", PluginB())])
-    with pytest.raises(DuplicateRegistration) as err:
-        pm.registry("quantizer")
-    assert "'a'" in str(err.value) and "'b'" in str(err.value) and "dup" in str(err.value)
+    assert pm.registry("quantizer") == {"dup": _Named}
+    assert pm.registrations[0].plugin == "a"
+    (failure,) = pm.failures
+    assert failure.name == "b" and failure.stage == "contract"
+    assert "'dup'" in failure.error and "'a'" in failure.error
 
 
 def _fake_entry_points(monkeypatch, eps):
@@ -110,3 +112,122 @@ def test_list_plugins_cli_table_and_json(capsys):
     assert main(["list-plugins"]) == 0
     table = capsys.readouterr().out
     assert "quantizer" in table and "perplexity" in table
+
+
+# ----------------------------------------------------------------------------- isolation
+class _FakeRTN(Quantizer):
+    name = "rtn"
+
+    def quantize_layer(self, ctx):
+        return {}
+
+
+class _Hijacker:
+    """A third-party plugin that registers a quantizer under a built-in name."""
+
+    @hookimpl
+    def qcore_register_quantizers(self, register):
+        register(_FakeRTN)
+
+
+def _with_third_party(monkeypatch, name, obj):
+    real = __import__("importlib.metadata", fromlist=["entry_points"]).entry_points
+    module = type("module", (), {})()
+    for attr in dir(obj):
+        if attr.startswith("qcore_"):
+            setattr(module, attr, getattr(obj, attr))
+    ep = EntryPoint(name=name, value="tests_fake:plugin", group="qcore")
+    monkeypatch.setattr(EntryPoint, "load", lambda self: module if self.name == name
+                        else __import__(self.module, fromlist=["_"]))
+    monkeypatch.setattr("qcore.plugins.entry_points",
+                        lambda group: [*real(group=group), ep])
+
+
+def test_third_party_registering_a_builtin_name_is_left_out(monkeypatch, capsys):
+    # entry points load by name: "aaa" registers before qcore's "rtn", and still loses
+    _with_third_party(monkeypatch, "aaa-hijack", _Hijacker())
+    pm = PluginManager()
+    assert pm.registry("quantizer")["rtn"].__module__ == "qcore_rtn.quantizer"
+    failure = next(f for f in pm.failures if f.name == "aaa-hijack")
+    assert "already registered by plugin 'rtn'" in failure.error
+    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    assert main(["list-plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "aaa-hijack" in out and "left out" in out and "qcore_rtn.plugin" in out
+
+
+def test_hook_with_a_wrong_argument_is_left_out(monkeypatch):
+    class WrongArgs:
+        @hookimpl
+        def qcore_register_quantizers(self, registr):
+            registr(_FakeRTN)
+
+    pm = PluginManager(extra_plugins=[("wrong-args", WrongArgs())])
+    assert "rtn" in pm.registry("quantizer")
+    (failure,) = [f for f in pm.failures if f.name == "wrong-args"]
+    assert failure.stage == "validate" and "registr" in failure.error
+
+
+def test_misspelt_hook_name_is_left_out():
+    class Misspelt:
+        @hookimpl
+        def qcore_layer_quantised(self, report):
+            pass
+
+    pm = PluginManager(load_entry_points=False, extra_plugins=[("misspelt", Misspelt())])
+    (failure,) = pm.failures
+    assert "qcore_layer_quantised" in failure.error and "misspelt" in failure.error
+    assert "misspelt" not in pm.plugins
+
+
+class _NoContract:
+    """Registered as a quantizer but not a Quantizer (no Config, no quantize_layer)."""
+
+    name = "broken-method"
+
+
+class _Abstract(Quantizer):
+    name = "abstract-method"
+
+
+class _BadContracts:
+    @hookimpl
+    def qcore_register_quantizers(self, register):
+        register(_NoContract)
+        register(_Abstract)
+        register(_Named)
+
+
+def test_registration_breaking_its_contract_is_left_out_with_the_reason(capsys, monkeypatch):
+    pm = PluginManager(extra_plugins=[("bad", _BadContracts())])
+    registry = pm.registry("quantizer")
+    assert "dup" in registry and "rtn" in registry
+    assert "broken-method" not in registry and "abstract-method" not in registry
+    errors = {f.error for f in pm.failures if f.name == "bad"}
+    assert any("not a subclass of qcore.interfaces.Quantizer" in e for e in errors)
+    assert any("does not implement quantize_layer" in e for e in errors)
+    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    assert main(["list-plugins", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {f["stage"] for f in data["failures"]} == {"contract"}
+
+
+def test_unknown_blocked_name_warns(monkeypatch, caplog, capsys):
+    monkeypatch.setenv("QCORE_BLOCK_PLUGINS", "rtn,no-such-plugin")
+    pm = PluginManager()
+    assert pm.unknown_blocked == ["no-such-plugin"]
+    assert "no-such-plugin" in caplog.text
+    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    assert main(["list-plugins"]) == 0
+    assert "'no-such-plugin', which is not an installed plugin" in capsys.readouterr().out
+
+
+def test_list_plugins_keeps_names_whole_on_a_narrow_terminal(monkeypatch, capsys):
+    from rich.console import Console
+
+    monkeypatch.setattr("qcore.cli.out", Console(width=60, force_terminal=False))
+    assert main(["list-plugins"]) == 0
+    table = capsys.readouterr().out
+    for name in ("smoothquant", "qcore-format", "architecture", "perplexity"):
+        assert name in table
+    assert "…" not in table

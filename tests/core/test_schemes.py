@@ -2,6 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from qcore.config import RunConfig, parse_assignments
+from qcore.errors import ConfigError
 from qcore.schemes import PRESETS, QuantArgs, QuantScheme, get_scheme
 
 
@@ -63,7 +64,8 @@ def test_run_config_from_yaml(tmp_path):
 def test_run_config_rejects_bad_values_with_field_names(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ncalibration: {samples: 0}\n")
-    with pytest.raises(ValidationError, match="calibration.samples"):
+    with pytest.raises(ConfigError, match="run.yaml: calibration.samples: Input should be "
+                                         "greater than 0 .got 0."):
         RunConfig.from_file(path)
     with pytest.raises(ValidationError, match="sampels"):
         RunConfig.model_validate({"model": "m", "calibration": {"sampels": 3}})

@@ -1,10 +1,13 @@
+import json
 import os
+import re
 
 import pytest
 import torch
 
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
+from qcore.errors import SavedModelError
 from qcore.interfaces import DataSpec
 from qcore.quant.linear import QuantLinear
 
@@ -39,7 +42,8 @@ def test_interrupted_save_leaves_nothing_behind(tiny_llama, tiny_tokenizer, plug
                                                 monkeypatch):
     result = _quantized(tiny_llama, tiny_tokenizer, plugins)
     target = tmp_path / "out"
-    api.save_model(result.model, tiny_tokenizer, target, {"run": "first"}, plugins=plugins)
+    api.save_model(result.model, tiny_tokenizer, target, {"run": {"note": "first"}},
+                   plugins=plugins)
     first = (target / "qcore.json").read_text()
 
     def explode(*args, **kwargs):
@@ -47,8 +51,8 @@ def test_interrupted_save_leaves_nothing_behind(tiny_llama, tiny_tokenizer, plug
 
     monkeypatch.setattr("qcore_builtins.formats.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
-        api.save_model(result.model, tiny_tokenizer, target, {"run": "second"},
-                       plugins=plugins)
+        api.save_model(result.model, tiny_tokenizer, target, {"run": {"note": "second"}},
+                       plugins=plugins, overwrite=True)
     assert (target / "qcore.json").read_text() == first  # old output intact
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written temporary folder
     with pytest.raises(OSError):
@@ -66,3 +70,91 @@ def test_tied_embeddings_survive_the_round_trip(tiny_tokenizer, plugins, tmp_pat
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert torch.equal(result.model(ids).logits, loaded(ids).logits)
+
+
+# ----------------------------------------------------------------------------- verification
+@pytest.fixture
+def saved(tiny_llama, tiny_tokenizer, plugins, tmp_path):
+    _quantized(tiny_llama, tiny_tokenizer, plugins, save=str(tmp_path / "q"))
+    return tmp_path / "q"
+
+
+def _edit_tensors(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_metadata(folder, edit):
+    meta = json.loads((folder / "qcore.json").read_text())
+    edit(meta)
+    (folder / "qcore.json").write_text(json.dumps(meta))
+
+
+SCALES = "model.layers.1.mlp.down_proj.scales"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop(SCALES), f"tensor {SCALES} is missing"),
+    (lambda s: s.__setitem__("model.extra", torch.zeros(2)), "tensor model.extra is not in"),
+    (lambda s: s.__setitem__(SCALES, s[SCALES].reshape(-1)), f"tensor {SCALES} is float32 "),
+    (lambda s: s.__setitem__(SCALES, s[SCALES].double()), "the manifest says float32"),
+    (lambda s: s[SCALES].mul_(1.5), f"tensor {SCALES} was altered"),
+], ids=["missing", "extra", "reshaped", "retyped", "altered"])
+def test_a_tampered_tensor_is_named_at_load(saved, plugins, edit, message):
+    _edit_tensors(saved, edit)
+    with pytest.raises(SavedModelError, match=re.escape(message)):
+        api.load_model(str(saved), plugins)
+
+
+def test_a_folder_with_quantized_tensors_but_no_metadata_is_refused(saved, plugins):
+    (saved / "qcore.json").unlink()
+    with pytest.raises(SavedModelError, match="no qcore.json"):
+        api.load_model(str(saved), plugins)
+    # also for folders saved before the header key existed: recognised by QuantLinear names
+    _edit_tensors(saved, lambda s: None)
+    with pytest.raises(SavedModelError, match=r"quantized tensors \(model\.layers\.0\."):
+        api.load_model(str(saved), plugins)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.__setitem__("format_version", "2"), "format_version: Input should be a valid "
+                                                     "integer (got '2')"),
+    (lambda m: m.__setitem__("format_version", 99), "saved by a newer qcore"),
+    (lambda m: m.__setitem__("colour", "red"), "colour: unknown field"),
+    (lambda m: m.__setitem__("dtype", "float8"), "dtype: Input should be"),
+    (lambda m: m.pop("quantized_layers"), "quantized_layers: Field required"),
+], ids=["version-string", "version-newer", "unknown-field", "bad-dtype", "missing-field"])
+def test_malformed_metadata_is_a_one_line_error(saved, plugins, edit, message):
+    _edit_metadata(saved, edit)
+    with pytest.raises(SavedModelError, match=re.escape(message)) as err:
+        api.load_model(str(saved), plugins)
+    assert "\n" not in str(err.value)
+
+
+def test_metadata_that_is_not_json_names_the_line(saved, plugins):
+    (saved / "qcore.json").write_text('{\n  "format": "qcore",\n  oops\n}')
+    with pytest.raises(SavedModelError, match="qcore.json line 3 column 3: not valid JSON"):
+        api.load_model(str(saved), plugins)
+
+
+def test_version_1_folders_without_a_manifest_still_load(saved, plugins, caplog):
+    _edit_metadata(saved, lambda m: (m.pop("tensors"), m.__setitem__("format_version", 1)))
+    model, _, meta = api.load_model(str(saved), plugins)
+    assert meta["format_version"] == 1 and "not verified" in caplog.text
+
+
+def test_manifest_lists_every_tensor_with_its_digest(saved):
+    from safetensors.torch import load_file
+
+    from qcore_builtins.formats import tensor_digest
+
+    meta = json.loads((saved / "qcore.json").read_text())
+    state = load_file(str(saved / "model.safetensors"))
+    assert set(meta["tensors"]) == set(state)
+    for name, t in state.items():
+        assert meta["tensors"][name] == {"shape": list(t.shape),
+                                         "dtype": str(t.dtype).removeprefix("torch."),
+                                         "sha256": tensor_digest(t)}

@@ -145,7 +145,7 @@ def test_save_load_round_trip_is_exact(tiny_qwen2, calib_ids, plugins, tiny_toke
     _run(tiny_qwen2, "W4A4KV4", calib_ids, plugins, epochs=1)
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     before = _logits(tiny_qwen2, ids)
-    path = save_model(tiny_qwen2, tiny_tokenizer, tmp_path / "fq", {"method": "flatquant"},
+    path = save_model(tiny_qwen2, tiny_tokenizer, tmp_path / "fq", {"run": {"method": "flatquant"}},
                       plugins=plugins)
     loaded, _, meta = load_model(str(path), plugins)
     assert meta["quantized_layers"]["model.layers.0.self_attn.q_proj"]["input_transform"][

@@ -199,10 +199,10 @@ def test_skip(tiny_llama, plugins, calib_ids):
 def test_save_load_round_trip_bit_exact(tiny_model, tiny_tokenizer, plugins, calib_ids,
                                         tmp_path, options):
     _run(tiny_model, plugins, calib_ids, options=options)
-    path = save_model(tiny_model, tiny_tokenizer, tmp_path / "gptq", {"method": "gptq"},
+    path = save_model(tiny_model, tiny_tokenizer, tmp_path / "gptq", {"run": {"method": "gptq"}},
                       plugins=plugins)
     loaded, _, meta = load_model(str(path), plugins)
-    assert meta["method"] == "gptq"
+    assert meta["run"]["method"] == "gptq"
     before = {n: m for n, m in tiny_model.named_modules() if isinstance(m, QuantLinear)}
     after = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     assert before.keys() == after.keys() and before

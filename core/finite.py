@@ -1,0 +1,45 @@
+"""Non-finite numbers caught where they appear: in source weights, in a layer's outputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcore.errors import NonFiniteError
+
+
+def describe_nonfinite(t: torch.Tensor) -> str | None:
+    """'3 NaN, 1 inf (first at [12, 40])' for a tensor with non-finite values, else None."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    first = torch.nonzero(~torch.isfinite(t))[0].tolist()
+    return f"{nan} NaN, {inf} inf (first at {first})"
+
+
+def nonfinite_tensors(module: nn.Module) -> dict[str, str]:
+    """name -> description of every parameter/buffer holding NaN or inf."""
+    found = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type == "meta":
+            continue
+        problem = describe_nonfinite(t.detach())
+        if problem:
+            found[name] = problem
+    return found
+
+
+def check_source_weights(model: nn.Module) -> None:
+    """Refuse a model whose float weights hold NaN/inf before any quantization."""
+    bad = nonfinite_tensors(model)
+    if bad:
+        name, problem = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise NonFiniteError(f"source weight {name} holds {problem}{more}: the checkpoint is "
+                             "corrupt or was saved after a diverged training step; nothing "
+                             "was quantized")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
