@@ -59,7 +59,7 @@ def dequant() -> None:
 def hessian() -> None:
     import torch
 
-    from qcore_gptq.algorithm import HessianAccumulator
+    from qcore.quant.gptq import HessianAccumulator
 
     print("\nHessian update, 2048 tokens, ms (best of 20)")
     print(f"{'inputs':<8} {'full (blocks=1)':>16} {'upper (blocks=4)':>17}")

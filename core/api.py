@@ -58,9 +58,11 @@ def build_quantizer(method: str, scheme: QuantScheme, options: dict[str, Any] | 
     cls: type[Quantizer] = plugins.get("quantizer", method)
     config = _validate_options("quantizer", method, cls.Config, options or {})
     try:
-        return cls(config, scheme)
+        quantizer = cls(config, scheme)
+        quantizer.bind(plugins)
     except ValueError as exc:
         raise ConfigError(f"{method}: {exc}") from exc
+    return quantizer
 
 
 def build_backend(name: str, plugins: PluginManager | None = None) -> Backend:
@@ -99,6 +101,16 @@ def calibration_ids(tokenizer: Any, config: RunConfig, plugins: PluginManager | 
     except ValueError as exc:
         raise ConfigError(f"calibration data {cal.data.source} ({cal.data.part}): {exc}"
                           ) from exc
+
+
+def check_roles(quantizer: Quantizer, adapter: ArchitectureAdapter) -> None:
+    """The adapter names every layer role the method reads."""
+    missing = adapter.roles().missing(quantizer.needed_roles())
+    if missing:
+        raise ConfigError(
+            f"{quantizer.name} needs the decoder-layer role(s) {', '.join(missing)}, which the "
+            f"{adapter.name!r} architecture adapter ({type(adapter).__name__}) does not name; "
+            "its roles() must return them")
 
 
 def check_layer_options(quantizer: Quantizer, adapter: ArchitectureAdapter) -> None:
@@ -200,12 +212,10 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     backend = build_backend(config.backend, plugins)
     registry = datasets(plugins)
     try:
-        dataset = registry.resolve(config.calibration.data)
+        registry.resolve(config.calibration.data).check(config.calibration.data)
     except ValueError as exc:
         raise ConfigError(f"calibration.data: {exc}") from exc
     source = config.calibration.data.source
-    if dataset.name in ("text", "jsonl") and not Path(source).is_file():
-        raise ConfigError(f"calibration.data.source: {source!r} is not a file")
     model_path = None
     if model is None:
         model_path = check_model_source(config.model)
@@ -229,21 +239,14 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         check_group_size(model, adapter, scheme)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    check_roles(quantizer, adapter)
     check_layer_options(quantizer, adapter)
 
-    names = []
-    for i, obj in enumerate(listeners):
-        name = f"listener-{i}-{id(obj)}"
-        plugins.add_plugin(obj, name=name)
-        names.append(name)
-    try:
-        report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=plugins,
-                               propagation=config.propagation,
-                               batch_size=config.calibration.batch_size,
-                               error_windows=config.error_windows, progress=progress)
-    finally:
-        for name in names:
-            plugins.remove_plugin(name)
+    run = plugins.for_run(listeners)
+    report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=run,
+                           propagation=config.propagation,
+                           batch_size=config.calibration.batch_size,
+                           error_windows=config.error_windows, progress=progress)
     backend.install_kernels(model)
     saved = None
     if config.save is not None:
@@ -264,11 +267,7 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str
     be = build_backend(backend, plugins)
     be.install_kernels(model)
     result = ev.evaluate(model, tokenizer, be, datasets(plugins))
-    plugins.hook.qcore_evaluation_finished(result=result)
-    for obj in listeners:
-        hook = getattr(obj, "qcore_evaluation_finished", None)
-        if hook is not None:
-            hook(result=result)
+    plugins.for_run(listeners).hook.qcore_evaluation_finished(result=result)
     return result
 
 

@@ -94,8 +94,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, key)
         if value is not None:
             cal[key] = value
-    for key in ("model", "method", "scheme", "group_size", "backend", "propagation",
-                "error_windows", "save", "format"):
+    for key in ("model", "method", "scheme", "group_size", "observer", "backend",
+                "propagation", "error_windows", "save", "format"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -147,15 +147,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     options: dict[str, Any] = parse_assignments(args.set or [])
-    if args.evaluator == "perplexity":
-        options.setdefault("data", _data_spec(args.data, args.data_part, args.data_dataset,
-                                              args.data_field))
-        options.setdefault("seq_len", args.seq_len)
-        options.setdefault("windows", args.windows)
-        if args.stride is not None:
-            options.setdefault("stride", args.stride)
-        options.setdefault("batch_size", args.batch_size)
-        options.setdefault("progress", not args.json)
+    # the common flags fill the evaluator's config fields of the same name, whatever the
+    # evaluator (--set wins); an evaluator without such a field never sees the flag
+    fields = get_plugin_manager().get("evaluator", args.evaluator).Config.model_fields
+    flags = {"data": _data_spec(args.data, args.data_part, args.data_dataset, args.data_field),
+             "seq_len": args.seq_len, "windows": args.windows, "stride": args.stride,
+             "batch_size": args.batch_size, "progress": not args.json}
+    for key, value in flags.items():
+        if key in fields and value is not None:
+            options.setdefault(key, value)
     api.build_evaluator(args.evaluator, options)  # validate before loading the model
     model, tokenizer, meta = api.load_model(args.model)
     if tokenizer is None:
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, dest="group_size", metavar="N",
                    help="weight group size (default: the preset's, 128 for W4A16/W3A16; it "
                         "must divide every layer's input features: SmolLM2's 576 needs 64)")
+    p.add_argument("--observer", choices=["minmax", "mse"],
+                   help="how each weight row/group range is chosen: min/max, or the MSE "
+                        "clip search (default: minmax)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a field of the method's config, value in YAML (repeatable; "
                         "default: none)")
@@ -346,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the RTN model there (default: not saved)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_demo)
+
+    get_plugin_manager().call_isolated("qcore_register_commands", subparsers=sub)
     return parser
 
 

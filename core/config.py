@@ -32,6 +32,8 @@ class RunConfig(BaseModel):
     method: str = "rtn"
     scheme: str | QuantScheme = "W4A16"
     group_size: int | None = Field(default=None, gt=0, description="overrides the preset's")
+    observer: Literal["minmax", "mse"] | None = Field(
+        default=None, description="weight range observer; overrides the scheme's (minmax)")
     method_config: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationConfig = CalibrationConfig()
     backend: str = "cpu"
@@ -46,8 +48,10 @@ class RunConfig(BaseModel):
 
     def resolved_scheme(self) -> QuantScheme:
         if isinstance(self.scheme, QuantScheme):
-            return self.scheme.with_group_size(self.group_size)
-        return get_scheme(self.scheme, self.group_size)
+            scheme = self.scheme.with_group_size(self.group_size)
+        else:
+            scheme = get_scheme(self.scheme, self.group_size)
+        return scheme.with_observer(self.observer)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:

@@ -36,6 +36,14 @@ def qcore_register_quantizers(register: Register) -> None:
 
 
 @hookspec
+def qcore_register_solvers(register: Register) -> None:
+    """Call ``register(SolverClass)`` for each weight solver (a
+    :class:`qcore.interfaces.WeightSolver` subclass with a unique ``name``): the last step
+    that rounds one weight matrix, which transforming methods (SmoothQuant, FlatQuant)
+    compose by name (``weight_method``)."""
+
+
+@hookspec
 def qcore_register_backends(register: Register) -> None:
     """Call ``register(BackendClass)`` for each execution backend
     (:class:`qcore.interfaces.Backend`)."""
@@ -69,6 +77,14 @@ def qcore_register_modules(register: Register) -> None:
     """Call ``register(name, ModuleClass)`` for each custom ``nn.Module`` a saved model may
     contain (e.g. an online input transform), so that loading can rebuild it. The class
     must accept ``ModuleClass(**config)`` with the config its ``qcore_spec()`` returned."""
+
+
+@hookspec
+def qcore_register_commands(subparsers: Any) -> None:
+    """Add ``qcore`` subcommands: ``p = subparsers.add_parser(name, help=...)``, its
+    arguments, and ``p.set_defaults(func=run)`` where ``run(args) -> int`` is the exit
+    code. (``subparsers`` is argparse's; a plugin whose hook raises is left out of the CLI
+    and reported by ``qcore list-plugins``.)"""
 
 
 # ----------------------------------------------------------------------------- events

@@ -21,7 +21,9 @@ from qcore.schemes import QuantScheme
 if TYPE_CHECKING:
     from qcore.models.adapter import ArchitectureAdapter
     from qcore.pipeline import LayerContext
-    from qcore.quant.linear import Kernel, QuantLinear
+    from qcore.plugins import PluginManager
+    from qcore.quant.linear import Kernel, QuantLinear, SolvedWeight
+    from qcore.schemes import QuantArgs
 
 
 class NoOptions(BaseModel):
@@ -62,6 +64,9 @@ class Quantizer(ABC):
     #: "quantized": each layer's inputs come from the already-quantized previous layers;
     #: "full": from the full-precision model (methods that train against fp targets).
     propagation: ClassVar[Literal["quantized", "full"]] = "quantized"
+    #: roles of a decoder layer (:class:`qcore.models.adapter.LayerRoles` field names) the
+    #: method reads; a model whose adapter lacks one is refused before any work
+    required_roles: ClassVar[tuple[str, ...]] = ()
     #: True if :meth:`quantize_layer` reads ``ctx.fp_outputs`` (the float layer's outputs on
     #: every calibration batch); otherwise the pipeline computes them only for the windows
     #: it measures the layer's error on, which saves a full layer forward per layer.
@@ -74,6 +79,16 @@ class Quantizer(ABC):
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Raise :class:`UnsupportedScheme` for a scheme this method cannot produce."""
+
+    def bind(self, plugins: PluginManager) -> None:
+        """Resolve the plugins this method composes (a weight solver, ...) from the run's
+        plugin manager and validate their options; raise ValueError naming what is wrong.
+        Called by :func:`qcore.api.build_quantizer` before any work."""
+
+    def needed_roles(self) -> tuple[str, ...]:
+        """The roles this configured method reads (``required_roles``, plus those of any
+        method it composes)."""
+        return self.required_roles
 
     def layer_options(self) -> dict[str, list[str]]:
         """Options naming linears of a decoder layer (``option -> names``), checked against
@@ -89,6 +104,35 @@ class Quantizer(ABC):
 
     def finalize(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         """Called once after the layer loop."""
+
+
+# ----------------------------------------------------------------------------- solver
+class WeightSolver(ABC):
+    """Rounds one weight matrix to a weight scheme: the last step of a method.
+
+    Transforming methods (SmoothQuant, FlatQuant) change a layer's float weights and then
+    hand each linear to the solver named by their ``weight_method`` option, resolved from
+    the run's plugin manager: a third-party solver composes with them by registering
+    through ``qcore_register_solvers``. A solver with ``needs_hessian`` receives the
+    linear's input Hessian ``2/N sum x x^T`` (of the input the quantized linear really
+    multiplies: transformed, clipped and fake-quantized where the method does so)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoOptions
+    description: ClassVar[str] = ""
+    needs_hessian: ClassVar[bool] = False
+
+    def __init__(self, config: BaseModel) -> None:
+        self.config = config
+
+    def check_args(self, args: QuantArgs) -> None:
+        """Raise :class:`UnsupportedScheme` for weight arguments this solver cannot produce."""
+
+    @abstractmethod
+    def solve(self, weight: torch.Tensor, args: QuantArgs, hessian: torch.Tensor | None,
+              backend: Backend, name: str) -> SolvedWeight:
+        """Quantization parameters (and the weight values they round) for ``weight``
+        (out, in); ``name`` is the linear's full name, for messages."""
 
 
 # ----------------------------------------------------------------------------- backend
@@ -205,6 +249,10 @@ class Dataset(ABC):
     def matches(cls, source: str) -> bool:
         """Whether this dataset can read ``source`` when no dataset is named."""
         return False
+
+    def check(self, spec: DataSpec) -> None:
+        """Cheap checks before any work (e.g. that a file exists); raise ValueError naming
+        the problem. Reading the whole source is :meth:`load_text`'s job."""
 
     @abstractmethod
     def load_text(self, spec: DataSpec) -> str:

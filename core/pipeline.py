@@ -33,11 +33,12 @@ from torch import nn
 
 from qcore.errors import NonFiniteError
 from qcore.finite import all_finite, nonfinite_tensors
-from qcore.interfaces import Backend, Quantizer
+from qcore.interfaces import Backend, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter
-from qcore.quant.linear import cached_dequantization, replace_module
+from qcore.quant.gptq import HessianAccumulator
+from qcore.quant.linear import QuantLinear, cached_dequantization, replace_module
 from qcore.reports import LayerReport, QuantizationReport
-from qcore.schemes import QuantScheme
+from qcore.schemes import QuantArgs, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,62 @@ class LayerContext:
 
     def replace(self, name: str, module: nn.Module) -> nn.Module:
         return replace_module(self.layer, name, module)
+
+    def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``2/N sum x x^T`` of each named linear's input over every calibration token, in
+        one forward pass. For a QuantLinear the input is what it really multiplies
+        (``quantize_input``: online transform, then activation fake quantization)."""
+        acc: dict[str, HessianAccumulator] = {}
+
+        def observe(name: str, module: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
+            if isinstance(module, QuantLinear):
+                x = module.quantize_input(x)
+            if name not in acc:
+                acc[name] = HessianAccumulator(x.shape[-1], x.device)
+            acc[name].add(x)
+
+        self.forward({n: observe for n in names}, keep_outputs=False)
+        return {n: acc[n].H for n in names}
+
+    def solve_linears(self, solver: WeightSolver, floats: dict[str, nn.Linear],
+                      weights: QuantArgs, activations: QuantArgs | None = None,
+                      transforms: dict[str, tuple[nn.Module, Any]] | None = None
+                      ) -> dict[str, float]:
+        """Round each linear of ``floats`` (name -> the float weights to round) with
+        ``solver`` and put a QuantLinear in its place (with its online transform and spec
+        from ``transforms``; static activation scales from the inputs' max |x|). A solver
+        that needs Hessians gets them group by group in the
+        adapter's sequential order, the earlier groups already replaced (true-sequential),
+        from what each module in place really multiplies. Returns the solver's statistics
+        as ``"<solver>.<linear>.<stat>"``."""
+        transforms = transforms or {}
+        if solver.needs_hessian:
+            order = [n for g in self.adapter.sequential_groups() for n in g if n in floats]
+            groups = [[n for n in g if n in floats] for g in self.adapter.sequential_groups()]
+            groups = [g for g in groups if g]
+            rest = [n for n in floats if n not in order]
+            groups += [rest] if rest else []
+        else:
+            groups = [list(floats)]
+        static = activations is not None and not activations.dynamic
+        stats: dict[str, float] = {}
+        for group in groups:
+            hessians = self.hessians(group) if solver.needs_hessian else {}
+            absmax = self.input_absmax(group) if static else {}
+            for name in group:
+                linear = floats[name]
+                solved = solver.solve(linear.weight, weights, hessians.get(name), self.backend,
+                                      f"{self.name}.{name}")
+                transform, spec = transforms.get(name, (None, None))
+                q = QuantLinear.from_solved(linear, solved, weights, activations=activations,
+                                            input_transform=transform, transform_spec=spec)
+                if name in absmax:  # static activations: the float inputs' range to start
+                    m = absmax[name].max()
+                    q.set_input_range(-m, m)
+                self.replace(name, q)
+                stats.update({f"{solver.name}.{name}.{k}": v for k, v in solved.stats.items()})
+            del hessians
+        return stats
 
     def input_absmax(self, names: list[str]) -> dict[str, torch.Tensor]:
         """max |x| per input channel of each named submodule over all calibration tokens."""

@@ -36,6 +36,7 @@ BLOCK_ENV = "QCORE_BLOCK_PLUGINS"
 #: registry kind -> registration hook name
 KINDS: dict[str, str] = {
     "quantizer": "qcore_register_quantizers",
+    "solver": "qcore_register_solvers",
     "backend": "qcore_register_backends",
     "evaluator": "qcore_register_evaluators",
     "dataset": "qcore_register_datasets",
@@ -80,10 +81,11 @@ class Registration(BaseModel):
 
 
 def _contracts() -> dict[str, type]:
-    from qcore.interfaces import Backend, Dataset, Evaluator, Format, Quantizer
+    from qcore.interfaces import Backend, Dataset, Evaluator, Format, Quantizer, WeightSolver
     from qcore.models.adapter import ArchitectureAdapter
 
-    return {"quantizer": Quantizer, "backend": Backend, "evaluator": Evaluator,
+    return {"quantizer": Quantizer, "solver": WeightSolver, "backend": Backend,
+            "evaluator": Evaluator,
             "dataset": Dataset, "format": Format, "architecture": ArchitectureAdapter}
 
 
@@ -98,7 +100,7 @@ def contract_problem(kind: str, obj: Any) -> str | None:
         missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
         return f"{obj.__name__} does not implement {missing}"
     config = getattr(obj, "Config", None)
-    if kind in ("quantizer", "evaluator") and not (
+    if kind in ("quantizer", "solver", "evaluator") and not (
             inspect.isclass(config) and issubclass(config, BaseModel)):
         return f"{obj.__name__}.Config is not a pydantic model"
     return None
@@ -134,6 +136,7 @@ class PluginManager:
             self._load_entry_points()
         for name, obj in extra_plugins:
             self._add_isolated(obj, name=name)
+        self.pm.check_pending()  # every hook implementation has a spec (unknown ones left out)
 
     # ------------------------------------------------------------------ loading
     def _load_entry_points(self) -> None:
@@ -229,8 +232,8 @@ class PluginManager:
                         reg_name = getattr(obj, "name", None)
                     _offered.append((reg_name, obj))
 
-                try:
-                    impl.function(register=register)
+                try:  # through pluggy (tracing, monitoring), one plugin at a time
+                    self._call_one(hook_name, plugin, register=register)
                 except Exception as exc:
                     self._fail(plugin, "register", f"{type(exc).__name__}: {exc}")
                     failed.add(plugin)
@@ -256,6 +259,41 @@ class PluginManager:
                         description=(getattr(obj, "description", "") or "").strip(),
                     ))
         return registries
+
+    def _call_one(self, hook_name: str, plugin: str, **kwargs: Any) -> Any:
+        """Call ``hook_name`` of one plugin only, through pluggy."""
+        keep = self.pm.get_plugin(plugin)
+        others = [p for p in self.pm.get_plugins() if p is not keep]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+    def call_isolated(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a hook plugin by plugin; one that raises is recorded as a failure (and
+        logged) instead of stopping the others (e.g. CLI commands added by plugins)."""
+        for impl in list(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            try:
+                self._call_one(hook_name, impl.plugin_name, **kwargs)
+            except Exception as exc:
+                self._fail(impl.plugin_name, "register", f"{hook_name}: "
+                                                         f"{type(exc).__name__}: {exc}")
+
+    def for_run(self, listeners: Iterable[Any] = ()) -> PluginManager:
+        """A manager for one run: the same plugins, registries and failures, plus
+        ``listeners`` (objects with ``@hookimpl`` event methods), leaving this manager as
+        it is. Events of the run go through its ``hook`` to plugins and listeners alike;
+        listeners are validated like plugins (a hook name no spec declares is an error)."""
+        self.listing()  # build the registries once, shared with the run
+        run = PluginManager(load_entry_points=False, blocked=self.blocked)
+        for name, obj in self.pm.list_name_plugin():
+            if obj is not None and name in self.plugins:
+                run.pm.register(obj, name=name)
+        run.plugins = dict(self.plugins)
+        for i, obj in enumerate(listeners):
+            run.add_plugin(obj, name=f"listener-{i}-{type(obj).__name__}")
+        run.failures = list(self.failures)
+        run.registrations = list(self.registrations)
+        run.unknown_blocked = list(self.unknown_blocked)
+        run._registries = self._registries
+        return run
 
     def _is_builtin(self, plugin: str) -> bool:
         info = self.plugins.get(plugin)

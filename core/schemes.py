@@ -33,6 +33,9 @@ class QuantArgs(BaseModel):
     clip_ratio: float = Field(
         default=1.0, gt=0.0, le=1.0, description="fixed shrink of the min/max range"
     )
+    observer: Literal["minmax", "mse"] = Field(
+        default="minmax", description="how each row's/group's range is chosen "
+                                      "(qcore.quant.observers)")
 
     @model_validator(mode="after")
     def _check_group(self) -> QuantArgs:
@@ -53,7 +56,8 @@ class QuantArgs(BaseModel):
         kind = "sym" if self.symmetric else "asym"
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         dyn = " dynamic" if self.dynamic else ""
-        return f"int{self.bits} {kind} {gran}{dyn}"
+        obs = f" {self.observer}" if self.observer != "minmax" else ""
+        return f"int{self.bits} {kind} {gran}{dyn}{obs}"
 
 
 class QuantScheme(BaseModel):
@@ -78,6 +82,13 @@ class QuantScheme(BaseModel):
         if act is not None and act.granularity == "token" and not act.dynamic:
             raise ValueError("per-token activation quantization must be dynamic")
         return self
+
+    def with_observer(self, observer: str | None) -> QuantScheme:
+        """Override the weights' range observer (None keeps the scheme as it is)."""
+        if observer is None:
+            return self
+        weights = self.weights.model_copy(update={"observer": observer})
+        return self.model_copy(update={"weights": QuantArgs.model_validate(weights.model_dump())})
 
     def with_group_size(self, group_size: int | None) -> QuantScheme:
         """Override the weight group size (None keeps the scheme as it is)."""

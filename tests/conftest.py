@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _tiny_config(kind: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -26,6 +26,9 @@ def _tiny_config(kind: str, **overrides):
         return LlamaConfig(**common)
     if kind == "qwen2":
         return Qwen2Config(**common)
+    if kind == "qwen3":  # per-head q/k RMSNorms; head_dim is its own field there
+        return Qwen3Config(head_dim=common["hidden_size"] // common["num_attention_heads"],
+                           **common)
     raise ValueError(kind)
 
 

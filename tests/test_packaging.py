@@ -70,7 +70,8 @@ def test_third_party_plugin_installed_with_pip_is_listed_and_used(tmp_path):
     assert listing.returncode == 0, listing.stderr
     rows = json.loads(listing.stdout)["registrations"]
     mine = {(r["kind"], r["name"]): r for r in rows if r["plugin"] == "example"}
-    assert set(mine) == {("quantizer", "clipped-rtn"), ("evaluator", "token-accuracy")}
+    assert set(mine) == {("quantizer", "clipped-rtn"), ("solver", "clipped-rtn"),
+                         ("architecture", "granite"), ("evaluator", "token-accuracy")}
     row = mine[("quantizer", "clipped-rtn")]
     assert row["distribution"] == "qcore-example-plugin" and row["version"] == "0.2.0"
     assert "qcore_layer_quantized" in row["hooks"]
@@ -93,14 +94,38 @@ def test_third_party_plugin_installed_with_pip_is_listed_and_used(tmp_path):
         res = api.quantize(cfg, model=make_tiny_model("llama"), tokenizer=tok, progress=False)
         acc = api.evaluate(res.model, tok, "token-accuracy",
                            {{"data": {{"source": "pydoc"}}, "seq_len": 32, "windows": 2}})
-        print(json.dumps({{"stats": res.report.layers[0].stats, **acc.metrics}}))
+        # the third-party solver composed with a built-in transforming method
+        sq = cfg.model_copy(update={{"method": "smoothquant", "scheme": "W8A8", "group_size": None,
+                                    "method_config": {{"weight_method": "clipped-rtn",
+                                                      "weight_options": {{"clip_ratio": 0.9}}}}}})
+        smooth = api.quantize(sq, model=make_tiny_model("llama"), tokenizer=tok,
+                              progress=False)
+        print(json.dumps({{"stats": res.report.layers[0].stats, **acc.metrics,
+                          "sq_stats": smooth.report.layers[0].stats}}))
     """, target, {"QCORE_EXAMPLE_LOG": str(log)})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["stats"] == {"clip_ratio": 0.8} and 0 <= out["accuracy"] <= 1
     assert out["tokens"] == 2 * 31
+    assert out["sq_stats"]["clipped-rtn.mlp.down_proj.clip_ratio"] == 0.9
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [e["index"] for e in events] == [0, 1] and events[0]["method"] == "clipped-rtn"
+    assert [e["index"] for e in events] == [0, 1, 0, 1]  # both runs
+
+    # the plugin's own subcommand
+    from conftest import make_tiny_model
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
+        (tmp_path / "tok.json").read_text())).save_pretrained(tmp_path / "tiny")
+    cmd = subprocess.run([sys.executable, "-m", "qcore.cli", "token-count", "--model",
+                          str(tmp_path / "tiny"), "--data", "pydoc", "--part", "head"],
+                         env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=120)
+    assert cmd.returncode == 0, cmd.stderr
+    assert json.loads(cmd.stdout)["tokens"] > 1000
+    assert events[0]["method"] == "clipped-rtn" and events[2]["method"] == "smoothquant"
 
 
 @pytest.fixture(autouse=True)

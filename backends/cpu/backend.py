@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import torch
 
+from qcore import hostmemory as memory
 from qcore.interfaces import Backend, MemoryStats
 from qcore.quant.linear import Kernel, QuantLinear
-from qcore_backends.cpu import int8, memory
+from qcore_backends.cpu import int8
 
 #: (predicate on a layer, kernel, description) tried in order; the first match is used.
 CPU_KERNELS: list[tuple[Callable[[QuantLinear], bool], Kernel, str]] = [

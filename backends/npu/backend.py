@@ -12,9 +12,9 @@ import importlib.util
 
 import torch
 
+from qcore import hostmemory as memory
 from qcore.interfaces import Backend, MemoryStats
 from qcore.quant.linear import Kernel, QuantLinear
-from qcore_backends.cpu import memory
 from qcore_backends.npu import kernels
 
 

@@ -2,7 +2,11 @@
 
 An adapter names the decoder layers, the quantizable linears of a layer, the groups a
 smoothing method scales together (norm -> linears, linear -> linear) with the module whose
-output scores a choice, the true-sequential order of the linears, and attention shapes.
+output scores a choice, the true-sequential order of the linears, attention shapes, and
+the *roles* of a layer's parts (:class:`LayerRoles`: which module is the query projection,
+the norm before the MLP, ...). Methods read roles, never an adapter's own attributes, and
+declare the roles they need (``Quantizer.required_roles``); a model whose adapter lacks one
+is refused before any work, naming it.
 
 :class:`LlamaLikeAdapter` describes the Llama layout (``model.model.layers``, ``self_attn``
 with q/k/v/o, ``mlp`` with gate/up/down, two RMSNorms) that Qwen2, Mistral and many others
@@ -46,6 +50,41 @@ class AttentionInfo(BaseModel):
         return self.num_kv_heads != self.num_heads
 
 
+class LayerRoles(BaseModel):
+    """Where each part of a decoder layer lives (module names relative to the layer).
+
+    None: the architecture has no such part, or the adapter does not say; a method that
+    needs it declares it in ``required_roles`` and is refused up front."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    attention: str | None = None   # the attention block (called with hidden_states=...)
+    mlp: str | None = None         # the MLP block
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    down: str | None = None
+    attention_norm: str | None = None  # the norm whose output feeds q/k/v
+    mlp_norm: str | None = None        # the norm whose output feeds gate/up
+    q_norm: str | None = None          # per-head norm after q (Qwen3), before RoPE
+    k_norm: str | None = None
+    #: pre-norm residual layout: ``h = x + attn(norm1(x)); y = h + mlp(norm2(h))``
+    pre_norm_residual: bool = False
+    #: linears fed the same tensor (one Hessian / one smoothing scale serves them all)
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
+    info: AttentionInfo | None = None
+
+    def missing(self, roles: tuple[str, ...] | list[str]) -> list[str]:
+        return [r for r in roles if getattr(self, r) is None]
+
+
+#: every role name a method may require
+ROLE_NAMES = tuple(n for n in LayerRoles.model_fields
+                   if n not in ("pre_norm_residual", "shared_inputs", "info"))
+
+
 class ArchitectureAdapter:
     """Base adapter; subclasses set ``name`` and ``model_types`` and may override any part."""
 
@@ -75,6 +114,10 @@ class ArchitectureAdapter:
 
     def attention_info(self) -> AttentionInfo:
         raise NotImplementedError
+
+    def roles(self) -> LayerRoles:
+        """The roles of a decoder layer's parts; the base adapter names none."""
+        return LayerRoles()
 
 
 class LlamaLikeAdapter(ArchitectureAdapter):
@@ -141,6 +184,14 @@ class LlamaLikeAdapter(ArchitectureAdapter):
         groups.append(LinearGroup(prev=self.UP, linears=(self.DOWN,), block=self.DOWN,
                                   kind="linear"))
         return groups
+
+    def roles(self) -> LayerRoles:
+        return LayerRoles(
+            attention=self.ATTN, mlp=self.MLP, q=self.Q, k=self.K, v=self.V, o=self.O,
+            gate=self.GATE, up=self.UP, down=self.DOWN, attention_norm=self.NORM1,
+            mlp_norm=self.NORM2, pre_norm_residual=True,
+            shared_inputs=((self.Q, self.K, self.V), (self.GATE, self.UP)),
+            info=self.attention_info())
 
     def attention_info(self) -> AttentionInfo:
         c = self.config

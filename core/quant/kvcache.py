@@ -37,8 +37,9 @@ class KVCacheSpec(BaseModel):
     key_transform: TransformSpec | None = None
 
 
-def fake_quantize_heads(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Fake-quantize (batch, heads, tokens, head_dim) per token/head in head-dim groups."""
+def fake_quantize_heads(x: torch.Tensor, args: QuantArgs, ste: bool = False) -> torch.Tensor:
+    """Fake-quantize (batch, heads, tokens, head_dim) per token/head in head-dim groups
+    (``ste``: straight-through rounding, for training through it)."""
     head_dim = x.shape[-1]
     group = min(args.group_size or head_dim, head_dim) if args.granularity == "group" \
         else head_dim
@@ -46,7 +47,7 @@ def fake_quantize_heads(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         raise ValueError(f"KV group size {group} does not divide head_dim {head_dim}")
     view = x.float().reshape(*x.shape[:-1], head_dim // group, group)
     scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio)
-    return fake_quantize(view, scale, zero, args.bits).reshape(x.shape).to(x.dtype)
+    return fake_quantize(view, scale, zero, args.bits, ste).reshape(x.shape).to(x.dtype)
 
 
 class KVCacheQuantizer(nn.Module):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from qcore.quant.qparams import (
     dequantize_weight,
     fake_quantize_activation,
     group_index,
+    qparams_from_range,
     quantize_weight,
     weight_qparams,
 )
@@ -76,6 +78,17 @@ def build_transform(spec: TransformSpec | None, modules: dict[str, type[nn.Modul
         raise ValueError(f"{owner} needs module type {spec.type!r}, which no installed plugin "
                          f"registers (known: {', '.join(modules) or 'none'})")
     return modules[spec.type](**spec.config)
+
+
+@dataclass
+class SolvedWeight:
+    """What a :class:`qcore.interfaces.WeightSolver` returns for one weight matrix."""
+
+    weight: torch.Tensor          # (out, in): the values whose nearest codes are the result
+    scale: torch.Tensor           # (out, n_groups)
+    zero: torch.Tensor            # (out, n_groups), integral values
+    g_idx: torch.Tensor | None = None  # (in,) column -> group; None: contiguous groups
+    stats: dict[str, float] = field(default_factory=dict)  # e.g. the solver's loss
 
 
 class QuantLinearSpec(BaseModel):
@@ -139,6 +152,7 @@ class QuantLinear(nn.Module):
         activations: QuantArgs | None = None,
         input_transform: nn.Module | None = None,
         transform_spec: TransformSpec | None = None,
+        dtype: torch.dtype | None = None,
     ) -> QuantLinear:
         """Quantize ``linear.weight`` with given (or min/max round-to-nearest) qparams.
 
@@ -159,7 +173,7 @@ class QuantLinear(nn.Module):
             activations=activations,
             input_transform=transform_spec,
         )
-        module = cls(spec, input_transform=input_transform, dtype=w.dtype)
+        module = cls(spec, input_transform=input_transform, dtype=dtype or w.dtype)
         codes = quantize_weight(w, scale, zero, g_idx, weights.bits)
         module.qweight = pack_codes(codes, weights.bits).to(w.device)
         module.scales = scale.float().to(w.device)
@@ -168,6 +182,40 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
+
+    @classmethod
+    def from_solved(
+        cls,
+        linear: nn.Linear,
+        solved: SolvedWeight,
+        weights: QuantArgs,
+        *,
+        activations: QuantArgs | None = None,
+        input_transform: nn.Module | None = None,
+        transform_spec: TransformSpec | None = None,
+    ) -> QuantLinear:
+        """The QuantLinear of a solver's result: codes nearest to ``solved.weight`` (read in
+        float32: a half-precision copy could fall between two codes) under its
+        scale/zero/g_idx, with ``linear``'s bias and dtype (its weight is not read)."""
+        shell = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+        shell.weight = nn.Parameter(solved.weight.float(), requires_grad=False)
+        shell.bias = linear.bias
+        return cls.from_float(shell, weights, scale=solved.scale.float(),
+                              zero=solved.zero.float(), g_idx=solved.g_idx,
+                              activations=activations, input_transform=input_transform,
+                              transform_spec=transform_spec, dtype=linear.weight.dtype)
+
+    def set_input_range(self, lo: torch.Tensor, hi: torch.Tensor) -> float:
+        """Static per-tensor activation parameters from an observed input range ``[lo, hi]``
+        (scaled by the activation clip ratio); returns the scale."""
+        args = self.spec.activations
+        if args is None or self.input_scale is None:
+            raise ValueError("set_input_range needs static activation quantization")
+        scale, zero = qparams_from_range(lo * args.clip_ratio, hi * args.clip_ratio, args.bits,
+                                         args.symmetric)
+        self.input_scale.copy_(scale)
+        self.input_zero.copy_(zero)
+        return float(scale)
 
     # ----------------------------------------------------------------- numerics
     def codes(self) -> torch.Tensor:

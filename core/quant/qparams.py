@@ -2,7 +2,9 @@
 
 All functions work on the last dimension as the reduction axis: callers reshape weights to
 ``(rows, groups, group_size)`` or activations to ``(tokens, features)`` first. See
-:mod:`qcore.schemes` for the code conventions.
+:mod:`qcore.schemes` for the code conventions. ``ste=True`` rounds with a straight-through
+estimator (gradient 1 through the rounding) for methods that train through quantization
+(FlatQuant); the forward values are the same either way.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ def qparams_from_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float-valued, integral) zero point from a range; shapes are kept."""
     qmax = 2**bits - 1
-    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
-    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    xmin = xmin.clamp(max=0)  # clamp, not minimum(): gradient 1 at the bound, as FlatQuant's
+    xmax = xmax.clamp(min=0)
     if symmetric:
         half = 2 ** (bits - 1)
-        absmax = torch.maximum(xmin.abs(), xmax)
+        absmax = torch.maximum(-xmin, xmax)
         scale = absmax.clamp(min=1e-5) / (half - 1)
         zero = torch.full_like(scale, float(half))
     else:
@@ -48,10 +50,27 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q - zero) * scale
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity gradient (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False
 ) -> torch.Tensor:
-    return dequantize(quantize(x, scale, zero, bits), scale, zero)
+    """``(clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``."""
+    if ste:
+        q = torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
+        return (q - zero) * scale
+    q = torch.div(x, scale).round_()  # a fresh tensor: the rest works in place
+    return q.add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
+
+
+def fake_quantize_minmax(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
+                         symmetric: bool, ste: bool = False) -> torch.Tensor:
+    """Fake quantization with the parameters of an observed range ``[xmin, xmax]``."""
+    scale, zero = qparams_from_range(xmin, xmax, bits, symmetric)
+    return fake_quantize(x, scale, zero, bits, ste)
 
 
 def group_view(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -78,7 +97,13 @@ def weight_qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
     Per-tensor parameters are broadcast to every row so that all granularities share one
     layout."""
     view = group_view(weight.float(), args)
-    scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio)
+    if args.observer == "minmax":
+        scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio)
+    else:
+        from qcore.quant.observers import find_params
+
+        rows = view.reshape(-1, view.shape[-1])
+        scale, zero = (t.reshape(*view.shape[:-1], 1) for t in find_params(rows, args))
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     if args.granularity == "tensor":
         scale = scale.expand(weight.shape[0], 1).contiguous()
@@ -126,12 +151,23 @@ def dequantize_weight(
     return w.sub_(zero.to(dtype).index_select(1, idx)).mul_(scale.to(dtype).index_select(1, idx))
 
 
-def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Round-to-nearest weight fake quantization (min/max range), same dtype as input."""
-    scale, zero = weight_qparams(weight, args)
-    g_idx = group_index(weight.shape[1], args)
-    codes = quantize_weight(weight, scale, zero, g_idx, args.bits)
-    return dequantize_weight(codes, scale, zero, g_idx).to(weight.dtype)
+def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs, ste: bool = False
+                         ) -> torch.Tensor:
+    """Round-to-nearest weight fake quantization (min/max range per row and group), in the
+    weight's dtype: the numbers of ``QuantLinear.from_float(...).dequantize()``, computed
+    on a reshaped view (searches call this hundreds of times per layer)."""
+    view = group_view(weight.float(), args)
+    if args.observer != "minmax":  # a searched range per row/group, then rounding
+        scale, zero = weight_qparams(weight, args)
+        if args.granularity == "tensor":
+            scale, zero = scale[:1], zero[:1]
+        out = fake_quantize(view, scale.unsqueeze(-1), zero.unsqueeze(-1), args.bits, ste)
+        return out.reshape(weight.shape).to(weight.dtype)
+    xmin, xmax = torch.aminmax(view, dim=-1, keepdim=True)
+    if args.clip_ratio != 1.0:
+        xmin, xmax = xmin * args.clip_ratio, xmax * args.clip_ratio
+    out = fake_quantize_minmax(view, xmin, xmax, args.bits, args.symmetric, ste)
+    return out.reshape(weight.shape).to(weight.dtype)
 
 
 def fake_quantize_activation(

@@ -33,6 +33,7 @@ from torch import nn
 from qcore.interfaces import Quantizer, UnsupportedScheme
 from qcore.models.adapter import LinearGroup
 from qcore.pipeline import LayerContext
+from qcore.quant.folding import fold_scale
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantScheme
 from qcore_awq.search import (
@@ -40,7 +41,6 @@ from qcore_awq.search import (
     GramScorer,
     ScaleResult,
     apply_clip,
-    fold_scale,
     search_clip,
     search_scale,
 )

@@ -20,35 +20,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qcore.quant.qparams import fake_quantize_weight, qparams_from_range
+from qcore.quant.qparams import fake_quantize_weight
 from qcore.schemes import QuantArgs
 
 # ----------------------------------------------------------------------------- quantizer
 
 
 def fake_quant(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Round-to-nearest fake quantization of a 2-D weight, float32 out.
-
-    Same numbers as ``QuantLinear.from_float(...).dequantize()`` (min/max qparams per
-    row and group, :func:`qcore.quant.qparams.qparams_from_range`), computed in place on
-    a reshaped view instead of through a gathered group index: the scale and clip
-    searches call this hundreds of times per layer."""
-    w = weight.float()
-    rows, cols = w.shape
-    if args.granularity == "group":
-        assert args.group_size is not None
-        view = w.reshape(rows, cols // args.group_size, args.group_size)
-    elif args.granularity == "channel":
-        view = w.reshape(rows, 1, cols)
-    else:
-        return fake_quantize_weight(w, args)
-    xmin, xmax = torch.aminmax(view, dim=-1, keepdim=True)
-    if args.clip_ratio != 1.0:
-        xmin, xmax = xmin * args.clip_ratio, xmax * args.clip_ratio
-    scale, zero = qparams_from_range(xmin, xmax, args.bits, args.symmetric)
-    out = view / scale
-    out.round_().add_(zero).clamp_(0, args.qmax).sub_(zero).mul_(scale)
-    return out.reshape(rows, cols)
+    """Round-to-nearest fake quantization of a 2-D weight, float32 out (the numbers of
+    ``QuantLinear.from_float(...).dequantize()``)."""
+    return fake_quantize_weight(weight.float(), args)
 
 
 def group_columns(in_features: int, args: QuantArgs) -> int:
@@ -170,38 +151,6 @@ class BlockScorer:
 
 
 # ----------------------------------------------------------------------------- folding
-
-
-@torch.no_grad()
-def fold_scale(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor,
-               kind: str) -> None:
-    """Fold ``s`` exactly: the previous operator's output is divided by ``s`` (norm weight
-    and bias, or a linear's output rows and bias), the linears' input columns multiplied.
-    """
-    if kind == "norm":
-        weight = getattr(prev, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
-            raise ValueError(
-                f"cannot fold a scale of {tuple(s.shape)} into {type(prev).__name__}: "
-                f"its weight is {None if weight is None else tuple(weight.shape)}"
-            )
-        weight.div_(s.to(weight))
-        bias = getattr(prev, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias.div_(s.to(bias))
-    elif kind == "linear":
-        if not isinstance(prev, nn.Linear) or prev.out_features != s.numel():
-            raise ValueError(
-                f"cannot fold a scale of {s.numel()} channels into the rows of "
-                f"{type(prev).__name__} {getattr(prev, 'weight', torch.empty(0)).shape}"
-            )
-        prev.weight.div_(s.to(prev.weight).view(-1, 1))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias))
-    else:
-        raise ValueError(f"unknown group kind {kind!r}")
-    for lin in linears:
-        lin.weight.mul_(s.to(lin.weight).view(1, -1))
 
 
 # ----------------------------------------------------------------------------- clipping

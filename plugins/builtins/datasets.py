@@ -13,7 +13,7 @@ from qcore.interfaces import Dataset, DataSpec
 def _existing(path: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data source {path!r} is not a file")
+        raise ValueError(f"data source {path!r} is not a file")
     return p
 
 
@@ -24,6 +24,9 @@ class TextFile(Dataset):
     @classmethod
     def matches(cls, source: str) -> bool:
         return Path(source).suffix.lower() in (".txt", ".md", ".raw", ".text")
+
+    def check(self, spec: DataSpec) -> None:
+        _existing(spec.source)
 
     def load_text(self, spec: DataSpec) -> str:
         return read_utf8(_existing(spec.source))
@@ -36,6 +39,9 @@ class JSONLines(Dataset):
     @classmethod
     def matches(cls, source: str) -> bool:
         return Path(source).suffix.lower() == ".jsonl"
+
+    def check(self, spec: DataSpec) -> None:
+        _existing(spec.source)
 
     def load_text(self, spec: DataSpec) -> str:
         docs = []

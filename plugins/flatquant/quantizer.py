@@ -30,15 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from qcore.errors import NonFiniteError
-from qcore.interfaces import Quantizer, UnsupportedScheme
+from qcore.interfaces import Quantizer, UnsupportedScheme, WeightSolver
 from qcore.pipeline import LayerContext
 from qcore.quant.kvcache import (
     ATTN_IMPLEMENTATION,
     KVCacheQuantizer,
     KVCacheSpec,
+    fake_quantize_heads,
     register_attention,
 )
 from qcore.quant.linear import QuantLinear, replace_module
+from qcore.quant.qparams import fake_quantize_minmax, fake_quantize_weight
 from qcore.schemes import QuantArgs, QuantScheme
 from qcore_flatquant.transforms import (
     FlatQuantKeyTransform,
@@ -94,51 +96,16 @@ class FlatQuantConfig(BaseModel):
         default="float32", description="autocast dtype of the training forward")
     seed: int = Field(default=0, description="seed of the random orthogonal inits "
                       "(layer i uses seed + i)")
-    weight_method: Literal["rtn", "gptq"] = Field(
-        default="rtn", description="how the folded weights are rounded: round-to-nearest, or "
-        "GPTQ (the gptq plugin's solver, Hessians of the transformed, clipped, quantized "
-        "inputs, true-sequential inside the layer)")
-    gptq: dict[str, Any] = Field(default_factory=dict, description="options of the gptq "
-                                 "plugin's Config used when weight_method=gptq (e.g. "
-                                 "{act_order: true})")
+    weight_method: str = Field(
+        default="rtn", description="registered weight solver that rounds the folded weights: "
+        "'rtn' (round-to-nearest), 'gptq' (Hessians of the transformed, clipped, quantized "
+        "inputs, true-sequential inside the layer), or any third-party solver")
+    weight_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the weight solver (its Config, e.g. "
+        "{act_order: true, static_groups: true} for gptq)")
 
 
 # ----------------------------------------------------------------------------- fake quant (STE)
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
-
-
-def _fake_quant_lastdim(x: torch.Tensor, bits: int, symmetric: bool,
-                        xmin: torch.Tensor, xmax: torch.Tensor) -> torch.Tensor:
-    """qcore's min/max quantizer (see qcore.quant.qparams) with a straight-through round."""
-    xmin = xmin.clamp(max=0)
-    xmax = xmax.clamp(min=0)
-    if symmetric:
-        half = 2 ** (bits - 1)
-        absmax = torch.maximum(-xmin, xmax)
-        scale = absmax.clamp(min=1e-5) / (half - 1)
-        q = torch.clamp(round_ste(x / scale), -half, half - 1)
-        return q * scale
-    qmax = 2**bits - 1
-    scale = (xmax - xmin).clamp(min=1e-5) / qmax
-    zero = torch.clamp(-torch.round(xmin / scale), 0, qmax)
-    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
-    return (q - zero) * scale
-
-
-def fake_quant_weight_ste(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    out_f, in_f = w.shape
-    if args.granularity == "channel":
-        view = w.reshape(out_f, 1, in_f)
-    elif args.granularity == "group":
-        view = w.reshape(out_f, in_f // args.group_size, args.group_size)
-    else:
-        view = w.reshape(1, 1, -1)
-    xmin = view.amin(dim=-1, keepdim=True) * args.clip_ratio
-    xmax = view.amax(dim=-1, keepdim=True) * args.clip_ratio
-    return _fake_quant_lastdim(view, args.bits, args.symmetric, xmin, xmax).reshape(w.shape)
-
-
 def fake_quant_tokens_ste(x: torch.Tensor, args: QuantArgs, clip_min: torch.Tensor | float,
                           clip_max: torch.Tensor | float) -> torch.Tensor:
     """Per-token min/max fake quantization with the learned clip factors.
@@ -151,17 +118,7 @@ def fake_quant_tokens_ste(x: torch.Tensor, args: QuantArgs, clip_min: torch.Tens
     if args.symmetric:
         a = torch.maximum(-xmin, xmax)
         x = torch.maximum(torch.minimum(x, a), -a)
-    return _fake_quant_lastdim(x, args.bits, args.symmetric, xmin, xmax)
-
-
-def fake_quant_heads_ste(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """KV fake quantization as qcore.quant.kvcache.fake_quantize_heads, with STE."""
-    head_dim = x.shape[-1]
-    group = min(args.group_size or head_dim, head_dim) if args.granularity == "group" \
-        else head_dim
-    view = x.reshape(*x.shape[:-1], head_dim // group, group)
-    y = fake_quant_tokens_ste(view, args, args.clip_ratio, args.clip_ratio)
-    return y.reshape(x.shape)
+    return fake_quantize_minmax(x, xmin, xmax, args.bits, args.symmetric, ste=True)
 
 
 # ----------------------------------------------------------------------------- learnables
@@ -356,7 +313,7 @@ class _TrainLinear(nn.Module):
         quant = self.scheme is not None
         w, b = owner.transform_weight(self.role, self.name, w, b, m, clip=quant)
         if quant:
-            w = fake_quant_weight_ste(w, self.scheme.weights)
+            w = fake_quantize_weight(w, self.scheme.weights, ste=True)
             act = self.scheme.activations
             if act is not None:
                 cmin, cmax = owner.act_clip(self.name)
@@ -381,8 +338,8 @@ class _TrainKV(nn.Module):
             query = torch.matmul(query.float(), pk_it).to(dtype)
             key = torch.matmul(key.float(), pk).to(dtype)
         if self.kv is not None:
-            key = fake_quant_heads_ste(key.float(), self.kv).to(key.dtype)
-            value = fake_quant_heads_ste(value.float(), self.kv).to(value.dtype)
+            key = fake_quantize_heads(key.float(), self.kv, ste=True).to(key.dtype)
+            value = fake_quantize_heads(value.float(), self.kv, ste=True).to(value.dtype)
         return query, key, value
 
 
@@ -504,6 +461,9 @@ class FlatQuantQuantizer(Quantizer):
     description = "learned Kronecker affine transforms + learned clipping, per layer (W4A4/W8A8)"
     propagation = "full"
     needs_fp_outputs = True  # the training targets
+    required_roles = ("attention", "q", "k", "v", "o", "gate", "up", "down", "attention_norm",
+                      "mlp_norm")
+    solver: WeightSolver | None = None  # set by bind()
 
     def check_scheme(self, scheme: QuantScheme) -> None:
         act = scheme.activations
@@ -515,20 +475,33 @@ class FlatQuantQuantizer(Quantizer):
             raise UnsupportedScheme(f"flatquant needs per-channel or per-group weights, not "
                                     f"per-tensor (scheme {scheme.name})")
 
+    def bind(self, plugins: Any) -> None:
+        """The weight solver, from the run's plugin manager, with validated options."""
+        name = self.config.weight_method
+        try:
+            cls = plugins.get("solver", name)
+        except Exception as exc:
+            raise ValueError(f"flatquant weight_method {name!r}: {exc}") from exc
+        try:
+            options = cls.Config.model_validate(self.config.weight_options)
+        except Exception as exc:
+            raise ValueError(f"flatquant weight_options for {name!r}: {exc}") from exc
+        self.solver = cls(options)
+        self.solver.check_args(self.scheme.weights)
+
     def prepare(self, model: nn.Module, adapter: Any) -> None:
-        for attr in ("Q", "K", "V", "O", "GATE", "UP", "DOWN", "NORM1", "NORM2", "ATTN"):
-            if not hasattr(adapter, attr):
-                raise ValueError(f"flatquant needs a Llama-layout adapter (q/k/v/o, gate/up/"
-                                 f"down, two norms); {type(adapter).__name__} lacks {attr}")
+        if self.solver is None:
+            raise RuntimeError("flatquant: bind(plugins) resolves the weight solver before "
+                               "the run (qcore.api.build_quantizer does)")
         if self.scheme.kv_cache is not None:
             # attention through qcore_kv; a layer gets its qcore_kv module when it is trained
             register_attention()
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def _roles(self, adapter: Any) -> dict[str, str]:
-        a = adapter
-        return {"q": a.Q, "k": a.K, "v": a.V, "o": a.O, "gate": a.GATE, "up": a.UP,
-                "down": a.DOWN}
+        r = adapter.roles()
+        return {"q": r.q, "k": r.k, "v": r.v, "o": r.o, "gate": r.gate, "up": r.up,
+                "down": r.down}
 
     def build_transforms(self, ctx: LayerContext) -> LayerTransforms:
         info = ctx.adapter.attention_info()
@@ -553,7 +526,7 @@ class FlatQuantQuantizer(Quantizer):
         steps_per_epoch = n // bs
         batches = [(inputs[i * bs:(i + 1) * bs], targets[i * bs:(i + 1) * bs])
                    for i in range(steps_per_epoch)]
-        attn = ctx.adapter.ATTN
+        attn = ctx.adapter.roles().attention
         device = ctx.backend.device
         amp = cfg.train_dtype == "bfloat16"
 
@@ -606,7 +579,8 @@ class FlatQuantQuantizer(Quantizer):
                             loss = F.mse_loss(out.float(), y.float())
                             if not torch.isfinite(loss):
                                 raise NonFiniteError(_diverged(ctx.name, epoch, step,
-                                                               float(loss), cfg.lr, loss_start))
+                                                               float(loss.detach()), cfg.lr,
+                                                               loss_start))
                             acc += float(loss.detach())
                             objective = loss / loss.detach() if cfg.normalize_loss else loss
                             opt.zero_grad(set_to_none=True)
@@ -624,78 +598,32 @@ class FlatQuantQuantizer(Quantizer):
                 "steps": cfg.epochs * steps_per_epoch if groups else 0}
 
     def install(self, ctx: LayerContext, owner: LayerTransforms) -> dict[str, Any]:
-        """Fold, quantize the weights (RTN or GPTQ) and attach the online transforms."""
-        a = ctx.adapter
+        """Fold, round the weights with the weight solver and attach the online transforms.
+
+        A Hessian-based solver must see what each QuantLinear really multiplies, so the
+        linears are first put in place rounded to nearest (with their transforms and the KV
+        quantizer), then solved group by group."""
+        roles = ctx.adapter.roles()
         act = self.scheme.activations
-        transforms, key = fold_layer(ctx.layer, owner, (a.NORM1, a.NORM2), act)
-        folded: dict[str, nn.Linear] = {}
-        for name, tr in transforms.items():
-            linear = ctx.submodule(name)
-            folded[name] = linear
-            q = QuantLinear.from_float(linear, self.scheme.weights, activations=act,
-                                       input_transform=tr, transform_spec=tr.spec())
-            ctx.replace(name, q)
+        transforms, key = fold_layer(ctx.layer, owner, (roles.attention_norm, roles.mlp_norm),
+                                     act)
+        folded = {name: ctx.submodule(name) for name in transforms}
+        if self.solver.needs_hessian:
+            for name, tr in transforms.items():
+                ctx.replace(name, QuantLinear.from_float(
+                    folded[name], self.scheme.weights, activations=act, input_transform=tr,
+                    transform_spec=tr.spec()))
         stats: dict[str, Any] = {}
-        attn = ctx.submodule(a.ATTN)
+        attn = ctx.submodule(roles.attention)
         kv = self.scheme.kv_cache
         if kv is not None:
             spec = KVCacheSpec(keys=kv, values=kv,
                                key_transform=key.spec() if key is not None else None)
             attn.qcore_kv = KVCacheQuantizer(spec, key_transform=key)
-        if self.config.weight_method == "gptq":
-            stats.update(self._gptq(ctx, folded, transforms))
+        specs = {name: (tr, tr.spec()) for name, tr in transforms.items()}
+        stats.update(ctx.solve_linears(self.solver, folded, self.scheme.weights,
+                                       activations=act, transforms=specs))
         return stats
-
-    def _gptq(self, ctx: LayerContext, folded: dict[str, nn.Linear],
-              transforms: dict[str, FlatQuantTransform]) -> dict[str, Any]:
-        """GPTQ on the folded weights, composed from the gptq plugin: its Config validates
-        ``config.gptq`` and its solver rounds each weight against the Hessian of what the
-        QuantLinear really multiplies (transformed, clipped, fake-quantized inputs)."""
-        try:
-            gptq_cls = ctx.plugins.get("quantizer", "gptq") if ctx.plugins is not None \
-                else None
-            from qcore_gptq.algorithm import HessianAccumulator, MSEClip, gptq_quantize
-        except (ImportError, KeyError, ValueError) as exc:
-            raise ValueError("flatquant weight_method=gptq needs the gptq plugin "
-                             f"({exc})") from exc
-        if gptq_cls is None:
-            raise ValueError("flatquant weight_method=gptq needs the plugin manager "
-                             "(run through qcore.api or run_layerwise(plugins=...))")
-        g = gptq_cls.Config.model_validate(self.config.gptq)
-        mse = MSEClip(g.mse_grid, g.mse_max_shrink, g.mse_norm) if g.mse_clip else None
-        act = self.scheme.activations
-        losses: dict[str, float] = {}
-        names = set(folded)
-        for group in ctx.adapter.sequential_groups():
-            members = [n for n in group if n in names]
-            acc = {n: HessianAccumulator(folded[n].in_features, ctx.backend.device)
-                   for n in members}
-
-            def observe(name: str, module: nn.Module, x: torch.Tensor, _y: torch.Tensor,
-                        acc: dict = acc) -> None:
-                acc[name].add(module.quantize_input(x))
-
-            ctx.forward({n: observe for n in members}, keep_outputs=False)
-            for name in members:
-                linear = folded[name]
-                res = gptq_quantize(
-                    linear.weight.detach(), acc[name].H, self.scheme.weights,
-                    block_size=g.block_size, act_order=g.act_order,
-                    static_groups=g.static_groups, damp=g.damp, damp_step=g.damp_step,
-                    damp_max_steps=g.damp_max_steps, mse=mse, cholesky=ctx.backend.cholesky,
-                    cholesky_inverse=ctx.backend.cholesky_inverse, name=f"{ctx.name}.{name}")
-                shell = nn.Linear(linear.in_features, linear.out_features, bias=False,
-                                  device="meta")
-                shell.weight = nn.Parameter(res.Q.to(linear.weight.dtype), requires_grad=False)
-                shell.bias = linear.bias
-                tr = transforms[name]
-                q = QuantLinear.from_float(shell, self.scheme.weights, scale=res.scale.float(),
-                                           zero=res.zero.float(), g_idx=res.g_idx,
-                                           activations=act, input_transform=tr,
-                                           transform_spec=tr.spec())
-                ctx.replace(name, q)
-                losses[name] = res.loss
-        return {"gptq_loss": losses}
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
         t0 = time.perf_counter()

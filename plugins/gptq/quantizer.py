@@ -1,5 +1,5 @@
 """The GPTQ quantizer: true-sequential Hessian collection per decoder layer, then GPTQ per
-linear (see :mod:`qcore_gptq.algorithm` for the solver).
+linear (see :mod:`qcore.quant.gptq` for the solver).
 
 Inside a decoder layer the linears are processed in the adapter's sequential groups (for
 Llama: k/v/q, then o, then up/gate, then down). A group's Hessians are collected from a
@@ -16,58 +16,29 @@ import time
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
+from qcore.models.adapter import LayerRoles
 from qcore.pipeline import LayerContext
-from qcore.quant.linear import QuantLinear
-from qcore.quant.qparams import fake_quantize_weight, qparams_from_range
-from qcore.schemes import QuantScheme
-from qcore_gptq.algorithm import (
+from qcore.quant.gptq import (
     HessianAccumulator,
     HessianFactor,
-    MSEClip,
     factor_hessian,
     gptq_quantize,
     objective,
 )
+from qcore.quant.linear import QuantLinear, SolvedWeight
+from qcore.quant.qparams import fake_quantize_weight
+from qcore.schemes import QuantScheme
+from qcore_gptq.solver import GPTQSolverConfig
 
 
-class GPTQConfig(BaseModel):
-    """Options of ``qcore quantize --method gptq`` (``--set key=value``)."""
+class GPTQConfig(GPTQSolverConfig):
+    """Options of ``qcore quantize --method gptq`` (``--set key=value``): the solver's
+    options plus the layer-level ones."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    block_size: int = Field(
-        default=128, gt=0,
-        description="columns per lazy block; the result does not depend on it, only speed")
-    damp: float = Field(
-        default=0.01, ge=0.0,
-        description="dampening added to diag(H), relative to mean(diag(H))")
-    damp_step: float = Field(
-        default=0.0015, gt=0.0,
-        description="added to the relative dampening each time the Cholesky factorisation "
-                    "fails")
-    damp_max_steps: int = Field(
-        default=50, ge=0,
-        description="raises of the dampening tried before giving up with an error")
-    act_order: bool = Field(
-        default=False,
-        description="process columns by descending diag(H) (the reference's --act-order)")
-    static_groups: bool = Field(
-        default=False,
-        description="group parameters computed up front from the original weights instead of "
-                    "when the quantizer reaches a group (needed for act_order to keep groups "
-                    "contiguous in the natural column order)")
-    mse_clip: bool = Field(
-        default=False,
-        description="search the quantizer's range over shrink factors p = 1 - i/mse_grid "
-                    "minimising sum |Q(w) - w|^mse_norm")
-    mse_grid: int = Field(default=100, gt=0, description="grid resolution of the clip search")
-    mse_max_shrink: float = Field(
-        default=0.8, gt=0.0, le=1.0, description="largest shrink tried (p down to 1 - this)")
-    mse_norm: float = Field(default=2.4, gt=0.0, description="error exponent of the search")
     true_sequential: bool = Field(
         default=True,
         description="collect each sequential group's Hessians with the earlier groups of the "
@@ -226,8 +197,9 @@ class GPTQQuantizer(Quantizer):
         cfg = self.config
         act = self.scheme.activations
         static_act = act is not None and not act.dynamic
-        mse = MSEClip(cfg.mse_grid, cfg.mse_max_shrink, cfg.mse_norm) if cfg.mse_clip else None
+        mse = cfg.clip()
         groups = self._groups(ctx)
+        roles = ctx.adapter.roles()
         stats: dict[str, Any] = {}
         entry, entry_inputs = "", None
         o_inputs: list[torch.Tensor | None] | None = None
@@ -245,15 +217,15 @@ class GPTQQuantizer(Quantizer):
                 if parent and _inside(parent, entry):
                     capture = parent
             t0 = time.perf_counter()
-            if o_inputs is not None and capture == _mlp_of(ctx.adapter):
+            if o_inputs is not None and capture == _mlp_of(roles):
                 rebuilt = _mlp_inputs_from_o(ctx, o_inputs)
                 if rebuilt is not None:
                     entry, entry_inputs = capture, rebuilt
                 del rebuilt
             o_inputs = None
             keep = None
-            if k + 1 < len(groups) and _mlp_of(ctx.adapter) and group == [ctx.adapter.O]:
-                keep = ctx.adapter.O
+            if k + 1 < len(groups) and _mlp_of(roles) and group == [roles.o]:
+                keep = roles.o
             stage = _Stage(ctx, group, static_act, keep=keep)
             captured = stage.run(entry, entry_inputs, capture)
             entry_inputs = None  # let the previous pass's activations go
@@ -280,13 +252,12 @@ class GPTQQuantizer(Quantizer):
                 rtn = objective(linear.weight,
                                 fake_quantize_weight(linear.weight.float(), self.scheme.weights),
                                 acc.H)
-                q = _build(linear, result, self.scheme)
+                q = QuantLinear.from_solved(
+                    linear, SolvedWeight(result.Q, result.scale, result.zero, result.g_idx),
+                    self.scheme.weights, activations=self.scheme.activations)
                 if static_act:
                     m = stage.input_absmax(name).max()
-                    scale, zero = qparams_from_range(-m, m, act.bits, act.symmetric)
-                    q.input_scale.copy_(scale)
-                    q.input_zero.copy_(zero)
-                    stats[f"{name}.input_scale"] = float(scale)
+                    stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
                 ctx.replace(name, q)
                 total_loss += result.loss
                 total_rtn += rtn
@@ -308,10 +279,12 @@ class GPTQQuantizer(Quantizer):
         return stats
 
 
-def _mlp_of(adapter: Any) -> str | None:
-    """The MLP submodule when the adapter names a Llama-layout decoder layer, else None."""
-    names = [getattr(adapter, a, None) for a in ("MLP", "O", "NORM2")]
-    return names[0] if all(isinstance(n, str) for n in names) else None
+def _mlp_of(roles: LayerRoles) -> str | None:
+    """The MLP block when the layer is pre-norm residual with known o/MLP-norm roles (its
+    MLP inputs can be rebuilt from the o_proj inputs), else None."""
+    if roles.pre_norm_residual and not roles.missing(("mlp", "o", "mlp_norm")):
+        return roles.mlp
+    return None
 
 
 def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
@@ -320,15 +293,15 @@ def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
     o_proj inputs kept by the previous pass: the gate/up pass then skips q/k/v and the
     attention. Checked against the real layer on the first batch; None (run the layer)
     when the layer computes something else."""
-    adapter = ctx.adapter
-    o_proj, norm = ctx.submodule(adapter.O), ctx.submodule(adapter.NORM2)
+    roles = ctx.adapter.roles()
+    o_proj, norm = ctx.submodule(roles.o), ctx.submodule(roles.mlp_norm)
     real: list[torch.Tensor] = []
 
     def stop(_module: nn.Module, margs: tuple) -> None:
         real.append(margs[0])
         raise _Stop
 
-    handle = ctx.submodule(adapter.MLP).register_forward_pre_hook(stop)
+    handle = ctx.submodule(roles.mlp).register_forward_pre_hook(stop)
     try:
         ctx.layer(ctx.inputs[0], **ctx.kwargs[0])
     except _Stop:
@@ -346,13 +319,3 @@ def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
         rebuilt.append(((norm(ctx.inputs[b] + o_proj(o_inputs[b])),), {}))
         o_inputs[b] = None
     return rebuilt
-
-
-def _build(linear: nn.Linear, result: Any, scheme: QuantScheme) -> QuantLinear:
-    """A QuantLinear whose dequantized weight is exactly GPTQ's Q."""
-    shell = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-    shell.weight = nn.Parameter(result.Q.float(), requires_grad=False)
-    shell.bias = linear.bias
-    return QuantLinear.from_float(shell, scheme.weights, scale=result.scale.float(),
-                                  zero=result.zero.float(), g_idx=result.g_idx,
-                                  activations=scheme.activations)

@@ -13,7 +13,6 @@ from torch import nn
 from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
 from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
-from qcore.quant.qparams import qparams_from_range
 from qcore.schemes import QuantScheme
 
 
@@ -38,10 +37,7 @@ def quantize_linears(ctx: LayerContext, names: list[str]) -> dict[str, Any]:
         q = QuantLinear.from_float(linear, ctx.scheme.weights, activations=act)
         if name in absmax:
             m = absmax[name].max()
-            scale, zero = qparams_from_range(-m, m, act.bits, act.symmetric)
-            q.input_scale.copy_(scale)
-            q.input_zero.copy_(zero)
-            stats[f"{name}.input_scale"] = float(scale)
+            stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
         ctx.replace(name, q)
     return stats
 

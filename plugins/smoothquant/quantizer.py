@@ -12,9 +12,11 @@ Per decoder layer:
    output rows and bias) is divided by ``s`` and the linears' input columns multiplied by
    it. The reference smooths only norm -> q/k/v and norm -> gate/up; ``smooth_linears``
    adds v -> o (when the shapes allow; not under GQA) and up -> down.
-3. The smoothed linears are quantized by a registered weight quantizer (RTN by default, or
-   e.g. GPTQ, built through the plugin manager with its own options), with int8
-   activations per token (dynamic, symmetric) or per tensor (static, from calibration).
+3. The smoothed linears are rounded by a registered weight solver (``weight_method``: RTN
+   by default, GPTQ, or any third-party solver, resolved from the run's plugin manager with
+   its own options; a Hessian-based solver sees each sequential group's inputs with the
+   earlier groups already quantized), with int8 activations per token (dynamic,
+   symmetric) or per tensor (static, from calibration).
 
 With a KV-cache scheme (W8A8KV8) keys and values are fake-quantized inside attention,
 asymmetric per head in groups over the head dimension (:mod:`qcore.quant.kvcache`).
@@ -22,19 +24,18 @@ asymmetric per head in groups over the head dimension (:mod:`qcore.quant.kvcache
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from qcore.interfaces import Quantizer, UnsupportedScheme
+from qcore.interfaces import LayerNameList, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter, LinearGroup
 from qcore.pipeline import LayerContext
+from qcore.quant.folding import fold_scale
 from qcore.quant.kvcache import KVCacheSpec, enable_kv_quantization
 from qcore.quant.linear import QuantLinear
-from qcore.quant.qparams import qparams_from_range
 from qcore.schemes import QuantArgs, QuantScheme
 
 #: the reference's floors: max |W_j| and the factor itself are clamped to at least this
@@ -65,11 +66,16 @@ class SmoothQuantConfig(BaseModel):
     )
     weight_method: str = Field(
         default="rtn",
-        description="registered quantizer that quantizes the smoothed weights "
-                    "(e.g. 'rtn' or 'gptq')",
+        description="registered weight solver that rounds the smoothed weights "
+                    "(e.g. 'rtn' or 'gptq'; list-plugins shows the solvers)",
     )
     weight_options: dict[str, Any] = Field(
-        default_factory=dict, description="options of the weight quantizer (its Config)",
+        default_factory=dict, description="options of the weight solver (its Config)",
+    )
+    skip: LayerNameList = Field(
+        default_factory=list,
+        description="linear names (relative to a decoder layer) left in full precision "
+                    "(still smoothed)",
     )
 
 
@@ -88,29 +94,10 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     return (a.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=CLAMP_MIN)
 
 
-@torch.no_grad()
 def fold_scales(layer: nn.Module, group: LinearGroup, scales: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``scales`` and multiply the consumers'
-    input columns by it: the layer computes the same function in exact arithmetic."""
-    prev = layer.get_submodule(group.prev)
-    if group.kind == "norm":
-        weight = getattr(prev, "weight", None)
-        if weight is None:
-            raise ValueError(f"{group.prev} has no weight to absorb the smoothing factors")
-        weight.div_(scales.to(weight.dtype))
-        bias = getattr(prev, "bias", None)
-        if bias is not None:
-            bias.div_(scales.to(bias.dtype))
-    else:
-        if prev.weight.shape[0] != scales.numel():
-            raise ValueError(f"{group.prev} has {prev.weight.shape[0]} outputs, "
-                             f"smoothing factors {scales.numel()}")
-        prev.weight.div_(scales.to(prev.weight.dtype).view(-1, 1))
-        if prev.bias is not None:
-            prev.bias.div_(scales.to(prev.bias.dtype))
-    for name in group.linears:
-        fc = layer.get_submodule(name)
-        fc.weight.mul_(scales.to(fc.weight.dtype).view(1, -1))
+    """Fold a group's smoothing factors into the layer (:func:`qcore.quant.folding.fold_scale`)."""
+    fold_scale(layer.get_submodule(group.prev), [layer.get_submodule(n) for n in group.linears],
+               scales, group.kind)
 
 
 @torch.no_grad()
@@ -167,13 +154,7 @@ def calibrate_static_inputs(ctx: LayerContext, names: list[str]) -> dict[str, fl
     ctx.forward({n: observe for n in targets}, keep_outputs=False)
     out = {}
     for name in targets:
-        module = ctx.submodule(name)
-        args = module.spec.activations
-        scale, zero = qparams_from_range(lo[name] * args.clip_ratio, hi[name] * args.clip_ratio,
-                                         args.bits, args.symmetric)
-        module.input_scale.copy_(scale)
-        module.input_zero.copy_(zero)
-        out[f"{name}.input_scale"] = float(scale)
+        out[f"{name}.input_scale"] = ctx.submodule(name).set_input_range(lo[name], hi[name])
     return out
 
 
@@ -184,64 +165,43 @@ class SmoothQuantQuantizer(Quantizer):
 
     def __init__(self, config: SmoothQuantConfig, scheme: QuantScheme) -> None:
         super().__init__(config, scheme)
-        self._weight_quantizer: Quantizer | None = None
-        if config.quantize:  # a wrong weight_method / weight_options fails before any work
-            self.weight_quantizer(None)
+        self.solver: WeightSolver | None = None
 
-    def check_scheme(self, scheme: QuantScheme) -> None:
-        if self.config.weight_method == self.name:
-            raise UnsupportedScheme("smoothquant weight_method cannot be 'smoothquant' itself")
-
-    def _inner_scheme(self) -> QuantScheme:
-        return QuantScheme(name=f"{self.scheme.name}-weights", weights=self.scheme.weights,
-                           activations=activation_args(self.scheme,
-                                                       self.config.activation_mode))
-
-    def weight_quantizer(self, plugins: Any) -> Quantizer:
-        """The quantizer that turns smoothed linears into QuantLinears, built once."""
-        if self._weight_quantizer is None:
-            if plugins is None:
-                from qcore.plugins import get_plugin_manager
-                plugins = get_plugin_manager()
-            name = self.config.weight_method
-            try:
-                cls = plugins.get("quantizer", name)
-            except Exception as exc:
-                raise ValueError(f"smoothquant weight_method {name!r}: {exc}") from exc
-            try:
-                options = cls.Config.model_validate(self.config.weight_options)
-            except Exception as exc:
-                raise ValueError(f"smoothquant weight_options for {name!r}: {exc}") from exc
-            self._weight_quantizer = cls(options, self._inner_scheme())
-        return self._weight_quantizer
-
-    def layer_options(self) -> dict[str, list[str]]:
-        found = super().layer_options()
-        if self.config.quantize:
-            inner = self.weight_quantizer(None).layer_options()
-            found.update({f"weight_options.{k}": v for k, v in inner.items()})
-        return found
+    def bind(self, plugins: Any) -> None:
+        """The weight solver, from the run's plugin manager, with validated options."""
+        if not self.config.quantize:
+            return
+        name = self.config.weight_method
+        try:
+            cls = plugins.get("solver", name)
+        except Exception as exc:
+            raise ValueError(f"smoothquant weight_method {name!r}: {exc}") from exc
+        try:
+            options = cls.Config.model_validate(self.config.weight_options)
+        except Exception as exc:
+            raise ValueError(f"smoothquant weight_options for {name!r}: {exc}") from exc
+        self.solver = cls(options)
+        self.solver.check_args(self.scheme.weights)
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         if not self.config.quantize:
             return
+        if self.solver is None:
+            raise RuntimeError("smoothquant: bind(plugins) resolves the weight solver before "
+                               "the run (qcore.api.build_quantizer does)")
         kv = self.scheme.kv_cache
         if kv is not None:
             enable_kv_quantization(model, KVCacheSpec(keys=kv, values=kv))
-        self.weight_quantizer(None).prepare(model, adapter)
-
-    def finalize(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
-        if self.config.quantize:
-            self.weight_quantizer(None).finalize(model, adapter)
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
         stats = smooth_layer(ctx, self.config.alpha, self.config.smooth_linears)
         if not self.config.quantize:
             return stats
-        inner = self.weight_quantizer(ctx.plugins)
-        inner_ctx = dataclasses.replace(ctx, scheme=inner.scheme)
-        inner_stats = inner.quantize_layer(inner_ctx) or {}
-        stats.update({f"{inner.name}.{k}": v for k, v in inner_stats.items()})
+        floats = {n: ctx.submodule(n) for n in ctx.adapter.linear_names()
+                  if n not in self.config.skip}
+        stats.update(ctx.solve_linears(
+            self.solver, floats, self.scheme.weights,
+            activations=activation_args(self.scheme, self.config.activation_mode)))
         if self.config.activation_mode == "static":
             stats.update(calibrate_static_inputs(ctx, ctx.adapter.linear_names()))
         return stats

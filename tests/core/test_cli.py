@@ -151,8 +151,8 @@ def test_misspelt_layer_name_in_skip_is_refused(tiny_folder, capsys):
     _fails_with(rtn_args(tiny_folder, "--set", "skip=[mlp.dwn_proj]"), capsys,
                 "rtn option skip: 'mlp.dwn_proj' is not a linear", "mlp.down_proj")
     _fails_with(rtn_args(tiny_folder, "--method", "smoothquant", "--scheme", "W8A8",
-                         "--set", "weight_options={skip: [q_prj]}"), capsys,
-                "option weight_options.skip: 'q_prj'")
+                         "--set", "skip=[q_prj]"), capsys,
+                "smoothquant option skip: 'q_prj'")
 
 
 def test_default_group_size_that_cannot_work_is_explained(tiny_folder, capsys):

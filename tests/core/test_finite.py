@@ -82,7 +82,7 @@ def test_nan_produced_by_a_method_stops_the_run_naming_layer_and_tensor(tiny_lla
 
 
 def test_gptq_hessian_of_non_finite_inputs_says_so():
-    from qcore_gptq.algorithm import inverse_cholesky_upper
+    from qcore.quant.gptq import inverse_cholesky_upper
 
     H = torch.eye(8)
     H[2, 3] = float("nan")
@@ -92,7 +92,7 @@ def test_gptq_hessian_of_non_finite_inputs_says_so():
 
 
 def test_gptq_cholesky_failure_of_a_finite_hessian_says_its_inputs_were_finite():
-    from qcore_gptq.algorithm import CholeskyFailed, inverse_cholesky_upper
+    from qcore.quant.gptq import CholeskyFailed, inverse_cholesky_upper
 
     H = -torch.eye(4)
     with pytest.raises(CholeskyFailed, match="finite, from finite inputs"):

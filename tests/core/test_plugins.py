@@ -6,7 +6,7 @@ import pytest
 from qcore import hookimpl
 from qcore.cli import main
 from qcore.interfaces import Quantizer
-from qcore.plugins import PluginManager, UnknownName
+from qcore.plugins import PluginError, PluginManager, UnknownName
 
 
 class _Named(Quantizer):
@@ -108,7 +108,7 @@ def test_list_plugins_cli_table_and_json(capsys):
     data = json.loads(capsys.readouterr().out)
     row = next(r for r in data["registrations"] if r["name"] == "rtn")
     assert row["kind"] == "quantizer" and row["distribution"] == "qcore"
-    assert row["hooks"] == ["qcore_register_quantizers"]
+    assert row["hooks"] == ["qcore_register_quantizers", "qcore_register_solvers"]
     assert main(["list-plugins"]) == 0
     table = capsys.readouterr().out
     assert "quantizer" in table and "perplexity" in table
@@ -231,3 +231,93 @@ def test_list_plugins_keeps_names_whole_on_a_narrow_terminal(monkeypatch, capsys
     for name in ("smoothquant", "qcore-format", "architecture", "perplexity"):
         assert name in table
     assert "…" not in table
+
+
+# ----------------------------------------------------------------------------- runs, events
+class _Events:
+    def __init__(self):
+        self.layers, self.finished = [], []
+
+    @hookimpl
+    def qcore_layer_quantized(self, report):
+        self.layers.append(report.index)
+
+    @hookimpl
+    def qcore_evaluation_finished(self, result):
+        self.finished.append(result.evaluator)
+
+
+def _tiny_run(plugins, tiny_tokenizer, listeners=()):
+    from conftest import make_tiny_model
+
+    from qcore import api
+    from qcore.config import CalibrationConfig, RunConfig
+    from qcore.interfaces import DataSpec
+
+    cfg = RunConfig(model="tiny", method="rtn", scheme="W8A16",
+                    calibration=CalibrationConfig(data=DataSpec(source="pydoc"), samples=2,
+                                                  seq_len=16))
+    return api.quantize(cfg, model=make_tiny_model("llama"), tokenizer=tiny_tokenizer,
+                        plugins=plugins, listeners=listeners, progress=False)
+
+
+def test_listeners_belong_to_their_run_and_plugins_hear_events_too(tiny_tokenizer):
+    from qcore import api
+
+    installed = _Events()
+    plugins = PluginManager(extra_plugins=[("installed", installed)])
+    before = set(plugins.plugins)
+    mine = _Events()
+    result = _tiny_run(plugins, tiny_tokenizer, listeners=[mine])
+    assert mine.layers == [0, 1] and installed.layers == [0, 1]
+    assert set(plugins.plugins) == before  # the shared manager never saw the listener
+    _tiny_run(plugins, tiny_tokenizer)
+    assert mine.layers == [0, 1] and installed.layers == [0, 1, 0, 1]
+    api.evaluate(result.model, tiny_tokenizer, "perplexity",
+                 {"data": {"source": "pydoc"}, "seq_len": 16, "windows": 1}, plugins=plugins,
+                 listeners=[mine])
+    assert mine.finished == ["perplexity"] and installed.finished == ["perplexity"]
+
+
+def test_a_listener_with_a_misspelt_hook_is_an_error_naming_it(tiny_tokenizer, plugins):
+    class Typo:
+        @hookimpl
+        def qcore_layer_quantised(self, report):
+            pass
+
+    with pytest.raises(PluginError, match="qcore_layer_quantised"):
+        _tiny_run(plugins, tiny_tokenizer, listeners=[Typo()])
+
+
+def test_registration_hooks_go_through_pluggy(plugins):
+    seen = []
+    undo = plugins.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda *args: None)
+    try:
+        plugins._registries = None
+        plugins.registry("solver")
+    finally:
+        undo()
+    assert ("qcore_register_solvers", ["gptq"]) in seen
+    assert ("qcore_register_solvers", ["rtn"]) in seen
+
+
+def test_a_plugin_command_that_fails_leaves_the_others(monkeypatch, capsys):
+    from qcore import cli
+
+    class Good:
+        @hookimpl
+        def qcore_register_commands(self, subparsers):
+            p = subparsers.add_parser("hello", help="says hello")
+            p.set_defaults(func=lambda args: print("hello") or 0)
+
+    class Bad:
+        @hookimpl
+        def qcore_register_commands(self, subparsers):
+            raise RuntimeError("broken command")
+
+    pm = PluginManager(extra_plugins=[("good", Good()), ("bad", Bad())])
+    monkeypatch.setattr(cli, "get_plugin_manager", lambda: pm)
+    assert main(["hello"]) == 0 and capsys.readouterr().out == "hello\n"
+    assert any(f.name == "bad" and "broken command" in f.error for f in pm.failures)

@@ -10,8 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qcore import hookimpl
 from qcore.data import tokenize
-from qcore.interfaces import DataSpec, Evaluator, Quantizer
-from qcore.quant.linear import QuantLinear
+from qcore.interfaces import DataSpec, Evaluator, Quantizer, WeightSolver
+from qcore.models.adapter import LayerRoles, LlamaLikeAdapter
+from qcore.quant.linear import QuantLinear, SolvedWeight
+from qcore.quant.qparams import weight_qparams
 from qcore.reports import EvaluationResult
 
 
@@ -31,6 +33,34 @@ class ClippedRTN(Quantizer):
             ctx.replace(name, QuantLinear.from_float(ctx.submodule(name), args,
                                                      activations=self.scheme.activations))
         return {"clip_ratio": self.config.clip_ratio}
+
+
+class ClippedRTNSolver(WeightSolver):
+    """The same rounding as a weight solver, so that methods which transform weights first
+    compose with it: ``--method smoothquant --set weight_method=clipped-rtn``."""
+
+    name = "clipped-rtn"
+    Config = ClippedRTNConfig
+    description = "RTN of a shrunk weight range, as a composable solver (example plugin)"
+
+    def solve(self, weight, args, hessian, backend, name):
+        args = args.model_copy(update={"clip_ratio": self.config.clip_ratio})
+        scale, zero = weight_qparams(weight.detach(), args)
+        return SolvedWeight(weight=weight.detach(), scale=scale, zero=zero,
+                            stats={"clip_ratio": self.config.clip_ratio})
+
+
+class GraniteAdapter(LlamaLikeAdapter):
+    """IBM Granite: the Llama layout, but each residual branch is scaled
+    (``h = x + m * attn(norm1(x))``), so the layer is not a plain pre-norm residual one.
+    Saying so in the roles keeps methods from assuming it (GPTQ's MLP-input shortcut)."""
+
+    name = "granite"
+    model_types = ("granite",)
+    description = "IBM Granite decoders (scaled residual branches; example plugin)"
+
+    def roles(self) -> LayerRoles:
+        return super().roles().model_copy(update={"pre_norm_residual": False})
 
 
 class TokenAccuracyConfig(BaseModel):
@@ -70,8 +100,41 @@ def qcore_register_quantizers(register):
 
 
 @hookimpl
+def qcore_register_solvers(register):
+    register(ClippedRTNSolver)
+
+
+@hookimpl
+def qcore_register_architectures(register):
+    register(GraniteAdapter)
+
+
+@hookimpl
 def qcore_register_evaluators(register):
     register(TokenAccuracy)
+
+
+def token_count(args) -> int:
+    """``qcore token-count``: how many tokens a text is for a model's tokenizer."""
+    from qcore import api
+
+    _, tokenizer, _ = api.load_model(args.model)
+    text = api.datasets().text(DataSpec(source=args.data, part=args.part))
+    n = tokenize(tokenizer, text).numel()
+    print(json.dumps({"data": args.data, "part": args.part, "tokens": n,
+                      "windows_of_512": n // 512}))
+    return 0
+
+
+@hookimpl
+def qcore_register_commands(subparsers):
+    p = subparsers.add_parser("token-count", help="tokens of a text for a model's tokenizer "
+                                                  "(example plugin)")
+    p.add_argument("--model", required=True, help="model whose tokenizer counts")
+    p.add_argument("--data", default="pydoc", help="text source (default: pydoc)")
+    p.add_argument("--part", default="all", choices=["all", "head", "tail"],
+                   help="which half of the text (default: all)")
+    p.set_defaults(func=token_count)
 
 
 @hookimpl

@@ -171,13 +171,14 @@ def test_gptq_composition_lowers_error(tiny_llama, calib_ids, plugins):
     """weight_method=gptq rounds the folded weights with the gptq plugin's solver against the
     Hessian of the transformed, quantized inputs: never worse than RTN of the same
     transforms on the calibration data, and still a QuantLinear with its transform."""
-    pytest.importorskip("qcore_gptq.algorithm")
+    pytest.importorskip("qcore.quant.gptq")
     rtn_model = copy.deepcopy(tiny_llama)
     rtn = _run(rtn_model, "W4A4", calib_ids, plugins, epochs=0)
     gptq = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=0, weight_method="gptq",
-                gptq={"act_order": True, "static_groups": True})
+                weight_options={"act_order": True, "static_groups": True})
     assert sum(r.relative_mse for r in gptq) < sum(r.relative_mse for r in rtn)
-    assert set(gptq[0].stats["gptq_loss"]) == set(ROLES.values())
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in gptq[0].stats
+            if k.startswith("gptq.") and k.endswith(".loss")} == set(ROLES.values())
     q = tiny_llama.model.layers[1].mlp.down_proj
     assert isinstance(q, QuantLinear) and isinstance(q.input_transform, FlatQuantTransform)
     with pytest.raises(ConfigError, match="weight_method"):

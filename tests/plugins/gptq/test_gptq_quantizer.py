@@ -12,9 +12,9 @@ from torch import nn
 from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
 from qcore.models.adapter import LlamaLikeAdapter
 from qcore.pipeline import run_layerwise
+from qcore.quant.gptq import HessianAccumulator, gptq_quantize
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs, QuantScheme, get_scheme
-from qcore_gptq.algorithm import HessianAccumulator, gptq_quantize
 from qcore_gptq.quantizer import GPTQConfig, GPTQQuantizer, _common_parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -189,8 +189,7 @@ def test_bad_weight_method_fails_up_front(plugins):
 
 @torch.no_grad()
 def test_weight_quantizer_composition_passes_options(tiny_llama, plugins, calib_ids):
-    _run(tiny_llama, plugins, calib_ids, weight_method="rtn",
-         weight_options={"skip": ["self_attn.o_proj"]})
+    _run(tiny_llama, plugins, calib_ids, weight_method="rtn", skip=["self_attn.o_proj"])
     layer = tiny_llama.model.layers[0]
     assert type(layer.self_attn.o_proj) is nn.Linear
     assert isinstance(layer.self_attn.q_proj, QuantLinear)

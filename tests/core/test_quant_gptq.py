@@ -9,18 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from qcore.quant.linear import QuantLinear
-from qcore.quant.qparams import fake_quantize, fake_quantize_weight, qparams_from_range
-from qcore.schemes import QuantArgs
-from qcore_gptq.algorithm import (
+from qcore.quant.gptq import (
     CholeskyFailed,
     HessianAccumulator,
-    MSEClip,
     factor_hessian,
-    find_params,
     gptq_quantize,
     objective,
 )
+from qcore.quant.linear import QuantLinear
+from qcore.quant.observers import MSEClip, find_params
+from qcore.quant.qparams import fake_quantize, fake_quantize_weight, qparams_from_range
+from qcore.schemes import QuantArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +184,7 @@ def test_singular_hessian_raises_dampening(caplog):
     x = torch.randn(8, 32, generator=gen)  # 8 tokens, 32 features: rank 8
     H = 2 * x.T @ x / 8
     W = torch.randn(4, 32, generator=gen)
-    with caplog.at_level(logging.WARNING, logger="qcore_gptq.algorithm"):
+    with caplog.at_level(logging.WARNING, logger="qcore.quant.gptq"):
         result = gptq_quantize(W, H, _args(group=None), damp=0.0, damp_step=0.01, name="toy")
     assert result.damp_raises >= 1
     assert result.damp == pytest.approx(0.01 * result.damp_raises)

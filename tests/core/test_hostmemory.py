@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from qcore_backends.cpu import memory
+from qcore import hostmemory as memory
 
 
 def _kernel_has_pageout() -> bool:

@@ -1,4 +1,5 @@
-"""Process memory from /proc (Linux) with a resource-module fallback."""
+"""Host memory of this process, shared by every backend: RSS from /proc (Linux) with a
+resource-module fallback, page-out of file-backed ranges, heap trimming."""
 
 from __future__ import annotations
 

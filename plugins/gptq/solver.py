@@ -1,0 +1,70 @@
+"""The GPTQ weight solver: what transforming methods (SmoothQuant, FlatQuant) compose to
+round their transformed weights against the Hessian of the inputs the quantized linear
+multiplies. The options are the GPTQ quantizer's solver options."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from qcore.interfaces import Backend, WeightSolver
+from qcore.quant.gptq import MSEClip, gptq_quantize
+from qcore.quant.linear import SolvedWeight
+from qcore.schemes import QuantArgs
+
+
+class GPTQSolverConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(
+        default=128, gt=0,
+        description="columns per lazy block; the result does not depend on it, only speed")
+    damp: float = Field(
+        default=0.01, ge=0.0,
+        description="dampening added to diag(H), relative to mean(diag(H))")
+    damp_step: float = Field(
+        default=0.0015, gt=0.0,
+        description="added to the relative dampening each time the Cholesky factorisation "
+                    "fails")
+    damp_max_steps: int = Field(
+        default=50, ge=0,
+        description="raises of the dampening tried before giving up with an error")
+    act_order: bool = Field(
+        default=False,
+        description="process columns by descending diag(H) (the reference's --act-order)")
+    static_groups: bool = Field(
+        default=False,
+        description="group parameters computed up front from the original weights instead of "
+                    "when the quantizer reaches a group (needed for act_order to keep groups "
+                    "contiguous in the natural column order)")
+    mse_clip: bool = Field(
+        default=False,
+        description="search the quantizer's range over shrink factors p = 1 - i/mse_grid "
+                    "minimising sum |Q(w) - w|^mse_norm")
+    mse_grid: int = Field(default=100, gt=0, description="grid resolution of the clip search")
+    mse_max_shrink: float = Field(
+        default=0.8, gt=0.0, le=1.0, description="largest shrink tried (p down to 1 - this)")
+    mse_norm: float = Field(default=2.4, gt=0.0, description="error exponent of the search")
+
+    def clip(self) -> MSEClip | None:
+        return MSEClip(self.mse_grid, self.mse_max_shrink, self.mse_norm) \
+            if self.mse_clip else None
+
+
+class GPTQSolver(WeightSolver):
+    name = "gptq"
+    Config = GPTQSolverConfig
+    description = "GPTQ error feedback against the input Hessian"
+    needs_hessian = True
+
+    def solve(self, weight: torch.Tensor, args: QuantArgs, hessian: torch.Tensor | None,
+              backend: Backend, name: str) -> SolvedWeight:
+        if hessian is None:
+            raise ValueError(f"{name}: the gptq solver needs the input Hessian")
+        cfg: GPTQSolverConfig = self.config
+        res = gptq_quantize(
+            weight.detach(), hessian, args, block_size=cfg.block_size, act_order=cfg.act_order,
+            static_groups=cfg.static_groups, damp=cfg.damp, damp_step=cfg.damp_step,
+            damp_max_steps=cfg.damp_max_steps, mse=cfg.clip(), cholesky=backend.cholesky,
+            cholesky_inverse=backend.cholesky_inverse, name=name)
+        return SolvedWeight(weight=res.Q, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
+                            stats={"loss": res.loss, "damp": res.damp})
