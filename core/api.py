@@ -22,7 +22,7 @@ from qcore.config import RunConfig, validation_summary
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.errors import ConfigError, SavedModelError
 from qcore.finite import check_source_weights
-from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer
+from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer, WeightSolver
 from qcore.io import check_output_dir
 from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
 from qcore.models.loading import (
@@ -32,9 +32,9 @@ from qcore.models.loading import (
     resolve_model_source,
 )
 from qcore.pipeline import check_group_size, run_layerwise
-from qcore.plugins import PluginManager, get_plugin_manager
+from qcore.plugins import PluginError, PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
-from qcore.schemes import QuantScheme
+from qcore.schemes import QuantArgs, QuantScheme
 from qcore.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,25 @@ def build_quantizer(method: str, scheme: QuantScheme, options: dict[str, Any] | 
     except ValueError as exc:
         raise ConfigError(f"{method}: {exc}") from exc
     return quantizer
+
+
+def build_solver(name: str, options: dict[str, Any], weights: QuantArgs,
+                 plugins: PluginManager | None = None, owner: str = "weight_method"
+                 ) -> WeightSolver:
+    """A registered weight solver with validated options, checked against the weight
+    arguments it must produce; what a composing method calls from ``bind``. Errors name
+    ``owner`` (the option that chose the solver)."""
+    plugins = plugins or get_plugin_manager()
+    try:
+        cls: type[WeightSolver] = plugins.get("solver", name)
+    except PluginError as exc:
+        raise ConfigError(f"{owner} {name!r}: {exc}") from exc
+    solver = cls(_validate_options("solver", name, cls.Config, options))
+    try:
+        solver.check_args(weights)
+    except ValueError as exc:
+        raise ConfigError(f"{owner} {name!r}: {exc}") from exc
+    return solver
 
 
 def build_backend(name: str, plugins: PluginManager | None = None) -> Backend:

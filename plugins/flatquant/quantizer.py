@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from qcore import api
 from qcore.errors import NonFiniteError
 from qcore.interfaces import Quantizer, UnsupportedScheme, WeightSolver
 from qcore.pipeline import LayerContext
@@ -477,17 +478,9 @@ class FlatQuantQuantizer(Quantizer):
 
     def bind(self, plugins: Any) -> None:
         """The weight solver, from the run's plugin manager, with validated options."""
-        name = self.config.weight_method
-        try:
-            cls = plugins.get("solver", name)
-        except Exception as exc:
-            raise ValueError(f"flatquant weight_method {name!r}: {exc}") from exc
-        try:
-            options = cls.Config.model_validate(self.config.weight_options)
-        except Exception as exc:
-            raise ValueError(f"flatquant weight_options for {name!r}: {exc}") from exc
-        self.solver = cls(options)
-        self.solver.check_args(self.scheme.weights)
+        self.solver = api.build_solver(self.config.weight_method, self.config.weight_options,
+                                       self.scheme.weights, plugins,
+                                       owner="flatquant weight_method")
 
     def prepare(self, model: nn.Module, adapter: Any) -> None:
         if self.solver is None:

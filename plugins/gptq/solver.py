@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from qcore.interfaces import Backend, WeightSolver
+from qcore.interfaces import Backend, UnsupportedScheme, WeightSolver
 from qcore.quant.gptq import MSEClip, gptq_quantize
 from qcore.quant.linear import SolvedWeight
 from qcore.schemes import QuantArgs
@@ -55,6 +55,11 @@ class GPTQSolver(WeightSolver):
     Config = GPTQSolverConfig
     description = "GPTQ error feedback against the input Hessian"
     needs_hessian = True
+
+    def check_args(self, args: QuantArgs) -> None:
+        if args.granularity not in ("channel", "group"):
+            raise UnsupportedScheme(f"the gptq solver needs per-channel or per-group weights, "
+                                    f"not granularity {args.granularity!r}")
 
     def solve(self, weight: torch.Tensor, args: QuantArgs, hessian: torch.Tensor | None,
               backend: Backend, name: str) -> SolvedWeight:

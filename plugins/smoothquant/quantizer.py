@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from qcore import api
 from qcore.interfaces import LayerNameList, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter, LinearGroup
 from qcore.pipeline import LayerContext
@@ -171,17 +172,9 @@ class SmoothQuantQuantizer(Quantizer):
         """The weight solver, from the run's plugin manager, with validated options."""
         if not self.config.quantize:
             return
-        name = self.config.weight_method
-        try:
-            cls = plugins.get("solver", name)
-        except Exception as exc:
-            raise ValueError(f"smoothquant weight_method {name!r}: {exc}") from exc
-        try:
-            options = cls.Config.model_validate(self.config.weight_options)
-        except Exception as exc:
-            raise ValueError(f"smoothquant weight_options for {name!r}: {exc}") from exc
-        self.solver = cls(options)
-        self.solver.check_args(self.scheme.weights)
+        self.solver = api.build_solver(self.config.weight_method, self.config.weight_options,
+                                       self.scheme.weights, plugins,
+                                       owner="smoothquant weight_method")
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         if not self.config.quantize:

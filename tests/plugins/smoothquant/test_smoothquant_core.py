@@ -250,3 +250,15 @@ def test_composition_with_gptq(plugins, calib_ids):
     torch.testing.assert_close(models["rtn"].model.layers[0].input_layernorm.weight,
                                models["gptq"].model.layers[0].input_layernorm.weight)
     assert any(k.startswith("gptq.") for k in reports["gptq"].layers[0].stats)
+
+
+def test_a_solver_that_cannot_produce_the_scheme_is_refused_up_front(plugins):
+    from qcore.schemes import QuantScheme
+
+    scheme = QuantScheme(name="W8A8-tensor",
+                         weights=QuantArgs(bits=8, symmetric=True, granularity="tensor"),
+                         activations=QuantArgs(bits=8, granularity="token", dynamic=True))
+    with pytest.raises(ConfigError, match="gptq solver needs per-channel or per-group weights"):
+        build_quantizer("smoothquant", scheme, {"weight_method": "gptq"}, plugins)
+    with pytest.raises(ConfigError, match="no solver named 'awq'; available: gptq, rtn"):
+        build_quantizer("smoothquant", get_scheme("W8A8"), {"weight_method": "awq"}, plugins)
