@@ -229,6 +229,7 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         raise ConfigError(f"scheme: {exc}") from exc
     quantizer = build_quantizer(config.method, scheme, config.method_config, plugins)
     backend = build_backend(config.backend, plugins)
+    run = plugins.for_run(listeners)  # a listener with an unknown hook fails here
     registry = datasets(plugins)
     try:
         registry.resolve(config.calibration.data).check(config.calibration.data)
@@ -261,7 +262,6 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     check_roles(quantizer, adapter)
     check_layer_options(quantizer, adapter)
 
-    run = plugins.for_run(listeners)
     report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=run,
                            propagation=config.propagation,
                            batch_size=config.calibration.batch_size,

@@ -7,6 +7,7 @@ import copy
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -152,30 +153,76 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fields = get_plugin_manager().get("evaluator", args.evaluator).Config.model_fields
     flags = {"data": _data_spec(args.data, args.data_part, args.data_dataset, args.data_field),
              "seq_len": args.seq_len, "windows": args.windows, "stride": args.stride,
-             "batch_size": args.batch_size, "progress": not args.json}
+             "batch_size": args.batch_size, "progress": not args.json,
+             "reference": args.reference}
+    # an evaluator that takes the reference model itself (layer-error) gets --reference;
+    # for the others it means "evaluate that model too and show the change"
+    compare = args.reference if "reference" not in fields else None
     for key, value in flags.items():
         if key in fields and value is not None:
             options.setdefault(key, value)
     api.build_evaluator(args.evaluator, options)  # validate before loading the model
-    model, tokenizer, meta = api.load_model(args.model)
-    if tokenizer is None:
-        raise api.ConfigError(f"{args.model} has no tokenizer files")
     t0 = time.perf_counter()
-    result = api.evaluate(model, tokenizer, args.evaluator, options, backend=args.backend)
+    result, meta = _evaluate_one(args.model, args, options)
     payload = {"model": args.model, "evaluator": result.evaluator, **result.metrics,
                "seconds": round(time.perf_counter() - t0, 2),
                "quantized": meta is not None, "details": result.details}
+    reference = None
+    if compare:
+        ref_options = dict(options)
+        if ref_options.get("records"):  # an evaluator's per-item file: one per model
+            stem = Path(str(ref_options["records"]))
+            ref_options["records"] = str(stem.with_name(f"{stem.stem}.reference{stem.suffix}"))
+        reference, _ = _evaluate_one(compare, args, ref_options)
+        payload["reference"] = {"model": compare, **reference.metrics,
+                                "details": reference.details}
+        payload["change"] = {k: v - reference.metrics[k] for k, v in result.metrics.items()
+                             if isinstance(v, (int, float)) and k in reference.metrics}
     if args.json:
         _print_json(payload)
-    else:
-        table = Table(title=f"{result.evaluator} of {args.model}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in result.metrics.items():
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) and not v.is_integer()
-                          else f"{v:g}")
-        out.print(table)
+        return 0
+    table = Table(title=f"{result.evaluator} of {args.model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if reference is not None:
+        table.add_column(f"reference ({compare})", justify="right")
+        table.add_column("change", justify="right")
+    for k, v in result.metrics.items():
+        row = [k, _fmt(v)]
+        if reference is not None:
+            row += [_fmt(reference.metrics.get(k)), _fmt(payload["change"].get(k), sign=True)]
+        table.add_row(*row)
+    out.print(table)
+    rows = result.details.get("table")
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):  # per-item detail
+        detail = Table(title=f"{result.evaluator} details")
+        for col in rows[0]:
+            detail.add_column(str(col), justify="left" if col in ("name", "backend")
+                              else "right")
+        for row in rows:
+            detail.add_row(*(_fmt(v) if not isinstance(v, str) else v for v in row.values()))
+        out.print(detail)
+    for key in ("plot", "records"):
+        if key in result.details:
+            out.print(f"{key}: {result.details[key]}")
     return 0
+
+
+def _fmt(value: Any, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:+.4g}" if sign else f"{value:.4g}"
+    return f"{value:+g}" if sign else f"{value:g}"
+
+
+def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]):
+    """Load one model, evaluate it, let it go; (result, qcore metadata or None)."""
+    model, tokenizer, meta = api.load_model(source)
+    if tokenizer is None:
+        raise api.ConfigError(f"{source} has no tokenizer files")
+    result = api.evaluate(model, tokenizer, args.evaluator, options, backend=args.backend)
+    return result, meta
 
 
 # ----------------------------------------------------------------------------- demo
@@ -333,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, dest="batch_size", metavar="N",
                    help="windows per forward")
     p.add_argument("--backend", default="cpu", help="where the model runs")
+    p.add_argument("--reference", metavar="MODEL", default=None,
+                   help="also evaluate this model (e.g. the float one) with the same "
+                        "options and show each metric's change against it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a field of the evaluator's config (repeatable; default: none)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -137,9 +137,47 @@ def qcore_register_commands(subparsers):
     p.set_defaults(func=token_count)
 
 
-@hookimpl
-def qcore_layer_quantized(report):
+def flag_jumps(errors: list[float], k: float = 3.0) -> list[int]:
+    """Layers whose error is above ``k`` times the median of their neighbours' (the layers
+    right before and after): where a platform or a scheme breaks, layer by layer."""
+    flagged = []
+    for i, err in enumerate(errors):
+        around = sorted(errors[j] for j in (i - 1, i + 1) if 0 <= j < len(errors))
+        if around and err > k * around[len(around) // 2]:
+            flagged.append(i)
+    return flagged
+
+
+def _log(record: dict) -> None:
     path = os.environ.get("QCORE_EXAMPLE_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps(report.model_dump()) + "\n")
+            f.write(json.dumps(record) + "\n")
+
+
+_errors: list[float] = []  # this run's layer errors, in layer order
+
+
+@hookimpl
+def qcore_layer_quantized(report):
+    """A custom evaluator hook: log every layer report as it arrives."""
+    _errors.append(report.relative_mse)
+    _log(report.model_dump())
+
+
+@hookimpl
+def qcore_model_quantized(report, model):
+    """All layers done: flag the jumps of the quantization error curve."""
+    _log({"event": "model_quantized", "method": report.method,
+          "jumps": flag_jumps([x.relative_mse for x in report.layers])})
+    _errors.clear()
+
+
+@hookimpl
+def qcore_evaluation_finished(result):
+    """After ``qcore evaluate --evaluator layer-error``: flag jumps of the per-layer error
+    of the quantized layers judged alone (the study's layer-wise instability)."""
+    if result.evaluator == "layer-error":
+        for backend, rows in result.details["curves"].items():
+            _log({"event": "layer_error", "backend": backend,
+                  "jumps": flag_jumps([r["alone"] for r in rows])})

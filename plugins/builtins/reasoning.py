@@ -1,0 +1,205 @@
+"""The ``reasoning`` evaluator: sampled pass@1 over seeds on math problems, plus the
+collapse metrics of long reasoning (loops, missing answers, truncation, output length).
+
+Items come from a JSONL file (``question_field`` / ``answer_field``; the project's
+``gsm8k_test100.jsonl`` works with the defaults, reading the gold answer from ``final``).
+Each item is asked with the study's instruction, through the tokenizer's chat template when
+it has one, once per seed; the final answer is extracted and compared with math-verify
+(:mod:`qcore_builtins.answers`). Every finished item is appended and flushed to the
+records file, so an interrupted run keeps its work and ``resume=true`` continues it.
+
+Metrics: ``pass@1`` (mean accuracy over seeds), ``accuracy_seed<N>`` per seed,
+``greedy_accuracy`` when temperature is 0, ``repetition_rate``, ``no_answer_rate``,
+``truncated_rate``, ``mean_output_tokens``, ``p50_output_tokens``, ``p90_output_tokens``,
+``tokens_per_second``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, StrictInt, field_validator
+from rich.progress import Progress
+from torch import nn
+
+from qcore.data import read_utf8
+from qcore.hookspecs import hookimpl
+from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
+from qcore.reports import EvaluationResult
+from qcore_builtins.answers import ends_in_loop, equivalent, extract_answer
+from qcore_builtins.generation import SamplingConfig, format_prompt, generate
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ReasoningConfig(SamplingConfig):
+    data: DataSpec = Field(description="JSONL file of problems")
+    question_field: str = "question"
+    answer_field: str = Field(default="final", description="the gold final answer")
+    limit: int | None = Field(default=None, gt=0, description="first N items only")
+    seeds: list[StrictInt] = Field(default_factory=lambda: [42, 43, 44], min_length=1)
+    instruction: str = INSTRUCTION
+    records: str | None = Field(default=None, description="per-item JSONL records "
+                                "(default: reasoning-records-<time>.jsonl here)")
+    resume: bool = Field(default=False, description="skip the items the records file has")
+    progress: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+
+def load_items(spec: DataSpec, question: str, answer: str, limit: int | None
+               ) -> list[dict[str, Any]]:
+    """(index, question, gold) records of a JSONL file; errors name file, line and field."""
+    path = Path(spec.source)
+    if not path.is_file():
+        raise ValueError(f"reasoning data {spec.source!r} is not a file")
+    items = []
+    for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        for field in (question, answer):
+            if not isinstance(record, dict) or field not in record:
+                have = ", ".join(sorted(record)) if isinstance(record, dict) else "none"
+                raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {have}); "
+                                 "set question_field / answer_field")
+        items.append({"index": len(items), "id": record.get("id", len(items)),
+                      "question": str(record[question]), "gold": str(record[answer])})
+        if limit is not None and len(items) == limit:
+            break
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def _percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)])
+
+
+def summarize(records: list[dict[str, Any]], seeds: list[int], greedy: bool
+              ) -> dict[str, float]:
+    """The metrics of a set of per-item records (one per item and seed)."""
+    metrics: dict[str, float] = {}
+    per_seed = []
+    for seed in seeds:
+        mine = [r for r in records if r["seed"] == seed]
+        acc = sum(r["correct"] for r in mine) / len(mine)
+        metrics[f"accuracy_seed{seed}"] = acc
+        per_seed.append(acc)
+    metrics["pass@1"] = sum(per_seed) / len(per_seed)
+    if greedy:
+        metrics["greedy_accuracy"] = per_seed[0]
+    n = len(records)
+    lengths = [r["output_tokens"] for r in records]
+    metrics["repetition_rate"] = sum(r["loop"] for r in records) / n
+    metrics["no_answer_rate"] = sum(r["extracted"] is None for r in records) / n
+    metrics["truncated_rate"] = sum(r["finish_reason"] == "length" for r in records) / n
+    metrics["mean_output_tokens"] = sum(lengths) / n
+    metrics["p50_output_tokens"] = _percentile(lengths, 0.5)
+    metrics["p90_output_tokens"] = _percentile(lengths, 0.9)
+    metrics["items"] = float(n // len(seeds))
+    return metrics
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of an interrupted run; a last line a kill cut short is removed
+    from the file (appending after it would corrupt the next record)."""
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        log.warning("%s: dropping the last, incomplete record line", path)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+    done = []
+    for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not a record ({exc.msg}); is this the "
+                             "records file of a reasoning run?") from exc
+    return done
+
+
+class Reasoning(Evaluator):
+    name = "reasoning"
+    Config = ReasoningConfig
+    description = "pass@1 over seeds on math problems + collapse metrics (loops, no answer)"
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+                 ) -> EvaluationResult:
+        cfg: ReasoningConfig = self.config
+        items = load_items(cfg.data, cfg.question_field, cfg.answer_field, cfg.limit)
+        if not getattr(tokenizer, "chat_template", None):
+            log.warning("the tokenizer has no chat template: prompts are plain text")
+        prompts = [format_prompt(tokenizer, f"{it['question']}\n{cfg.instruction}")
+                   for it in items]
+        seeds = cfg.seeds[:1] if cfg.temperature == 0 else cfg.seeds
+        path = Path(cfg.records or f"reasoning-records-{time.strftime('%Y%m%d-%H%M%S')}"
+                                   f"-{uuid.uuid4().hex[:6]}.jsonl")
+        done = _read_records(path) if cfg.resume and path.exists() else []
+        if path.exists() and not cfg.resume:
+            raise ValueError(f"records file {path} exists; pass resume=true to continue it "
+                             "or name another file with records=")
+        have = {(r["seed"], r["index"]) for r in done}
+        records = [r for r in done if r["seed"] in seeds]
+        stats = {"generated_tokens": 0.0, "generation_seconds": 0.0}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as sink, \
+                Progress(disable=not cfg.progress) as bar:
+            task = bar.add_task("reasoning items", total=len(items) * len(seeds))
+            bar.update(task, advance=len(records))
+            for seed in seeds:
+                todo = [it for it in items if (seed, it["index"]) not in have]
+                if not todo:
+                    continue
+
+                def write(start: int, gens: list, seed: int = seed, todo: list = todo) -> None:
+                    for it, gen in zip(todo[start:start + len(gens)], gens, strict=True):
+                        answer = extract_answer(gen.text)
+                        record = {
+                            "seed": seed, "index": it["index"], "id": it["id"],
+                            "prompt": prompts[it["index"]], "output": gen.text,
+                            "extracted": answer, "gold": it["gold"],
+                            "correct": equivalent(it["gold"], answer),
+                            "output_tokens": len(gen.tokens),
+                            "finish_reason": gen.finish_reason,
+                            "loop": ends_in_loop(gen.tokens)}
+                        sink.write(json.dumps(record) + "\n")
+                        records.append(record)
+                    sink.flush()
+                    bar.update(task, advance=len(gens))
+
+                _, run = generate(model, tokenizer, [prompts[it["index"]] for it in todo],
+                                  cfg, seed, backend.device, on_batch=write,
+                                  keys=[it["index"] for it in todo])
+                stats["generated_tokens"] += run["generated_tokens"]
+                stats["generation_seconds"] += run["generation_seconds"]
+        metrics = summarize(records, seeds, greedy=cfg.temperature == 0)
+        if stats["generation_seconds"]:
+            metrics["tokens_per_second"] = (stats["generated_tokens"]
+                                            / stats["generation_seconds"])
+        return EvaluationResult(evaluator=self.name, metrics=metrics,
+                                details={"records": str(path), "seeds": seeds,
+                                         "resumed_records": len(done)})
+
+
+@hookimpl
+def qcore_register_evaluators(register):
+    register(Reasoning)
