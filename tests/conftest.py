@@ -151,3 +151,17 @@ def rtn_args(folder, *extra):
     return ["quantize", "--model", str(folder / "tiny"), "--method", "rtn", "--scheme", "W4A16",
             "--group-size", "32", "--calib", str(folder / "calib.txt"), "--samples", "2",
             "--seq-len", "16", "--batch-size", "1", "--no-progress", *extra]
+
+
+def hide_package(monkeypatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail, as if it were not installed."""
+    import builtins
+
+    real = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {package!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)

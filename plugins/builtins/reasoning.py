@@ -1,7 +1,8 @@
 """The ``reasoning`` evaluator: sampled pass@1 over seeds on math problems, plus the
 collapse metrics of long reasoning (loops, missing answers, truncation, output length).
 
-Items come from a JSONL file (``question_field`` / ``answer_field``; the project's
+Items come from a JSONL file or ``hf:NAME[:CONFIG]:SPLIT`` (``question_field`` /
+``answer_field``; the project's
 ``gsm8k_test100.jsonl`` works with the defaults, reading the gold answer from ``final``).
 Each item is asked with the study's instruction, through the tokenizer's chat template when
 it has one, once per seed; the final answer is extracted and compared with math-verify
@@ -60,31 +61,58 @@ class ReasoningConfig(SamplingConfig):
         return seeds
 
 
-def load_items(spec: DataSpec, question: str, answer: str, limit: int | None
-               ) -> list[dict[str, Any]]:
-    """(index, question, gold) records of a JSONL file; errors name file, line and field."""
-    path = Path(spec.source)
-    if not path.is_file():
-        raise ValueError(f"reasoning data {spec.source!r} is not a file")
-    items = []
+def _hf_records(source: str) -> list[tuple[str, Any]]:
+    """(where, record) of ``hf:NAME[:CONFIG]:SPLIT`` through the datasets package (online,
+    or from its cache)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("hf: sources need the datasets package (pip install datasets)"
+                          ) from exc
+    parts = source.removeprefix("hf:").split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"hf source must be hf:NAME[:CONFIG]:SPLIT, got {source!r}")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    data = datasets.load_dataset(name, config, split=split)
+    return [(f"{source}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+
+def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
+    out = []
     for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            out.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    return out
+
+
+def load_items(spec: DataSpec, question: str, answer: str, limit: int | None
+               ) -> list[dict[str, Any]]:
+    """(index, question, gold) records of a JSONL file or an ``hf:`` dataset; errors name
+    the file and line (or row) and the field."""
+    if spec.source.startswith("hf:"):
+        rows, where = _hf_records(spec.source), spec.source
+    else:
+        path = Path(spec.source)
+        if not path.is_file():
+            raise ValueError(f"reasoning data {spec.source!r} is not a file")
+        rows, where = _jsonl_records(path), str(path)
+    items = []
+    for place, record in rows:
         for field in (question, answer):
             if not isinstance(record, dict) or field not in record:
                 have = ", ".join(sorted(record)) if isinstance(record, dict) else "none"
-                raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {have}); "
+                raise ValueError(f"{place}: no field {field!r} (fields: {have}); "
                                  "set question_field / answer_field")
         items.append({"index": len(items), "id": record.get("id", len(items)),
                       "question": str(record[question]), "gold": str(record[answer])})
         if limit is not None and len(items) == limit:
             break
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise ValueError(f"{where}: no items")
     return items
 
 

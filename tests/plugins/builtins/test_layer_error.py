@@ -1,10 +1,10 @@
 """The layer-error evaluator against an independent computation from hidden states."""
 
-import builtins
 import json
 
 import pytest
 import torch
+from conftest import hide_package
 
 from qcore import api
 from qcore.cli import main
@@ -76,14 +76,7 @@ def test_cli_writes_json_table_and_png(saved, tmp_path, capsys):
 
 
 def test_without_matplotlib_the_numbers_still_come(saved, plugins, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    hide_package(monkeypatch, "matplotlib")
     quantized, tokenizer, _ = api.load_model(str(saved / "q"), plugins)
     result = api.evaluate(quantized, tokenizer, "layer-error",
                           {"reference": str(saved / "tiny"), "seq_len": 16, "windows": 2,

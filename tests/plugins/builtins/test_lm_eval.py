@@ -69,16 +69,9 @@ def test_unknown_task_and_bad_folder_are_named(tiny_llama, tiny_tokenizer, local
 
 
 def test_missing_lm_eval_is_a_clear_message(tiny_llama, tiny_tokenizer, plugins, monkeypatch):
-    import builtins
+    from conftest import hide_package
 
-    real = builtins.__import__
-
-    def no_lm_eval(name, *args, **kwargs):
-        if name.startswith("lm_eval"):
-            raise ImportError("No module named 'lm_eval'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    hide_package(monkeypatch, "lm_eval")
     with pytest.raises(ImportError, match="pip install 'qcore\\[lm-eval\\]'"):
         api.evaluate(tiny_llama, tiny_tokenizer, "lm-eval", {"tasks": ["x"]}, plugins=plugins)
 

@@ -259,3 +259,26 @@ def test_generation_runs_on_activation_and_kv_schemes(method, scheme, options, t
     a, stats = generate(loaded, tiny_tokenizer, ["a b c", "def f(x):"], sampling, seed=7)
     b, _ = generate(loaded, tiny_tokenizer, ["a b c", "def f(x):"], sampling, seed=7)
     assert [g.tokens for g in a] == [g.tokens for g in b] and stats["generated_tokens"] > 0
+
+
+def test_items_from_a_hugging_face_dataset(monkeypatch):
+    """hf:NAME:CONFIG:SPLIT goes through datasets.load_dataset (stubbed: no network)."""
+    import types
+
+    from qcore.interfaces import DataSpec
+    from qcore_builtins.reasoning import load_items
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"problem": "1+1?", "solution": "2"}, {"problem": "2+2?", "solution": "4"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=load_dataset))
+    items = load_items(DataSpec(source="hf:openai/gsm8k:main:test"), "problem", "solution",
+                       None)
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [(it["question"], it["gold"]) for it in items] == [("1+1?", "2"), ("2+2?", "4")]
+    with pytest.raises(ValueError, match=r"hf:x:test\[0\]: no field 'question'"):
+        load_items(DataSpec(source="hf:x:test"), "question", "solution", None)
