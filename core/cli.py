@@ -162,10 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if key in fields and value is not None:
             options.setdefault(key, value)
     api.build_evaluator(args.evaluator, options)  # validate before loading the model
-    t0 = time.perf_counter()
-    result, meta = _evaluate_one(args.model, args, options)
+    result, meta, seconds = _evaluate_one(args.model, args, options)
     payload = {"model": args.model, "evaluator": result.evaluator, **result.metrics,
-               "seconds": round(time.perf_counter() - t0, 2),
+               "seconds": round(seconds, 2),
                "quantized": meta is not None, "details": result.details}
     reference = None
     if compare:
@@ -173,7 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if ref_options.get("records"):  # an evaluator's per-item file: one per model
             stem = Path(str(ref_options["records"]))
             ref_options["records"] = str(stem.with_name(f"{stem.stem}.reference{stem.suffix}"))
-        reference, _ = _evaluate_one(compare, args, ref_options)
+        reference, _, _ = _evaluate_one(compare, args, ref_options)
         payload["reference"] = {"model": compare, **reference.metrics,
                                 "details": reference.details}
         payload["change"] = {k: v - reference.metrics[k] for k, v in result.metrics.items()
@@ -217,12 +216,14 @@ def _fmt(value: Any, sign: bool = False) -> str:
 
 
 def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]):
-    """Load one model, evaluate it, let it go; (result, qcore metadata or None)."""
+    """Load one model, evaluate it, let it go; (result, qcore metadata or None, seconds
+    the evaluation took, loading excluded)."""
     model, tokenizer, meta = api.load_model(source)
     if tokenizer is None:
         raise api.ConfigError(f"{source} has no tokenizer files")
+    t0 = time.perf_counter()
     result = api.evaluate(model, tokenizer, args.evaluator, options, backend=args.backend)
-    return result, meta
+    return result, meta, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- demo

@@ -163,13 +163,17 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the guard
+def _is_model_file(entry: Path) -> bool:
+    return entry.is_file() and (entry.suffix in MODEL_FILE_SUFFIXES
+                                or entry.name in MODEL_FILE_NAMES)
+
+
 def is_model_folder(path: Path) -> bool:
     """A folder holding only model files (weights, configs, tokenizer) and no subfolder."""
     entries = list(path.iterdir())
     has_weights = any(e.suffix in (".safetensors", ".gguf") for e in entries)
-    return has_weights and all(
-        e.is_file() and (e.suffix in MODEL_FILE_SUFFIXES or e.name in MODEL_FILE_NAMES)
-        for e in entries if not _LEFTOVER.match(e.name))
+    return has_weights and all(_is_model_file(e) for e in entries
+                               if not _LEFTOVER.match(e.name))
 
 
 def _contains(folder: Path, path: Path) -> bool:
@@ -209,9 +213,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
                 raise OutputError(f"{option} {path}: folder exists and is not empty; pass "
                                   "--overwrite to replace a saved model there")
             if not is_model_folder(target):
-                odd = sorted(e.name for e in target.iterdir()
-                             if e.is_dir() or not (e.suffix in MODEL_FILE_SUFFIXES
-                                                   or e.name in MODEL_FILE_NAMES))
+                odd = sorted(e.name for e in target.iterdir() if not _is_model_file(e))
                 raise OutputError(
                     f"{option} {path}: --overwrite only replaces a saved model folder; this "
                     f"one holds other things ({', '.join(odd[:5]) or 'no weights'})")

@@ -224,10 +224,10 @@ class LayerContext:
         as ``"<solver>.<linear>.<stat>"``."""
         transforms = transforms or {}
         if solver.needs_hessian:
-            order = [n for g in self.adapter.sequential_groups() for n in g if n in floats]
             groups = [[n for n in g if n in floats] for g in self.adapter.sequential_groups()]
             groups = [g for g in groups if g]
-            rest = [n for n in floats if n not in order]
+            grouped = {n for g in groups for n in g}
+            rest = [n for n in floats if n not in grouped]
             groups += [rest] if rest else []
         else:
             groups = [list(floats)]

@@ -280,7 +280,11 @@ class PluginManager:
         """A manager for one run: the same plugins, registries and failures, plus
         ``listeners`` (objects with ``@hookimpl`` event methods), leaving this manager as
         it is. Events of the run go through its ``hook`` to plugins and listeners alike;
-        listeners are validated like plugins (a hook name no spec declares is an error)."""
+        listeners are validated like plugins (a hook name no spec declares is an error).
+        Without listeners the run needs nothing of its own: this manager serves it."""
+        listeners = list(listeners)
+        if not listeners:
+            return self
         self.listing()  # build the registries once, shared with the run
         run = PluginManager(load_entry_points=False, blocked=self.blocked)
         for name, obj in self.pm.list_name_plugin():

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from qcore import api
-from qcore.data import tokenize
+from qcore.data import WindowSpec, token_windows, tokenize
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
 from qcore.pipeline import capture_first_layer_inputs, relative_mse
@@ -39,7 +39,7 @@ class LayerErrorConfig(BaseModel):
     reference: str = Field(description="the float model (folder, .gguf, hub id, 'smollm2')")
     data: DataSpec = Field(description="text whose first windows are run")
     seq_len: int = Field(default=512, gt=1)
-    windows: int | None = Field(default=4, gt=0, description="first N windows (None: 4)")
+    windows: int = Field(default=4, gt=0, description="first N windows")
     batch_size: int = Field(default=2, gt=0)
     plot: str | None = Field(default=None, description="PNG path (default: "
                              "layer-error-<time>.png here); 'none' for no plot")
@@ -112,12 +112,12 @@ class LayerError(Evaluator):
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:
         cfg: LayerErrorConfig = self.config
-        ids = tokenize(tokenizer, texts.text(cfg.data))
-        n = cfg.windows or 4
-        if ids.numel() < n * cfg.seq_len:
-            raise ValueError(f"{cfg.data.source}: {n} windows of {cfg.seq_len} tokens need "
-                             f"{n * cfg.seq_len} tokens, the text has {ids.numel()}")
-        ids = ids[: n * cfg.seq_len].reshape(n, cfg.seq_len)
+        n = cfg.windows
+        try:
+            ids = token_windows(tokenize(tokenizer, texts.text(cfg.data)),
+                                WindowSpec(samples=n, seq_len=cfg.seq_len))
+        except ValueError as exc:
+            raise ValueError(f"{cfg.data.source}: {exc}") from exc
         reference, _, meta = api.load_model(cfg.reference, backend=None)
         if meta is not None:
             raise ValueError(f"reference {cfg.reference} is a quantized model; give the "
