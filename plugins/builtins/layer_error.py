@@ -41,8 +41,8 @@ class LayerErrorConfig(BaseModel):
     seq_len: int = Field(default=512, gt=1)
     windows: int = Field(default=4, gt=0, description="first N windows")
     batch_size: int = Field(default=2, gt=0)
-    plot: str | None = Field(default=None, description="PNG path (default: "
-                             "layer-error-<time>.png here); 'none' for no plot")
+    plot: str | None = Field(default=None, description="PNG path, which must not exist "
+                             "(default: layer-error-<time>.png here); 'none' for no plot")
     progress: bool = False
 
 
@@ -112,6 +112,12 @@ class LayerError(Evaluator):
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:
         cfg: LayerErrorConfig = self.config
+        plot = None
+        if (cfg.plot or "").lower() != "none":
+            plot = Path(cfg.plot or f"layer-error-{time.strftime('%Y%m%d-%H%M%S')}.png")
+            if plot.exists():  # never replace a file this run did not write
+                raise ValueError(f"plot {plot} exists; name another file with plot= (or "
+                                 "plot=none)")
         n = cfg.windows
         try:
             ids = token_windows(tokenize(tokenizer, texts.text(cfg.data)),
@@ -144,14 +150,13 @@ class LayerError(Evaluator):
                                    "seq_len": cfg.seq_len, "curves": curves,
                                    "table": [{"backend": b, **r} for b, rs in curves.items()
                                              for r in rs]}
-        if (cfg.plot or "").lower() != "none":
-            path = Path(cfg.plot or f"layer-error-{time.strftime('%Y%m%d-%H%M%S')}.png")
-            why = plot_curves(curves, path, f"layer-wise error vs {cfg.reference}")
+        if plot is not None:
+            why = plot_curves(curves, plot, f"layer-wise error vs {cfg.reference}")
             if why:
                 log.warning("%s", why)
                 details["plot_skipped"] = why
             else:
-                details["plot"] = str(path)
+                details["plot"] = str(plot)
         return EvaluationResult(evaluator=self.name, metrics=metrics, details=details)
 
 

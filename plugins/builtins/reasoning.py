@@ -186,7 +186,8 @@ class Reasoning(Evaluator):
             raise ValueError(f"records file {path} exists; pass resume=true to continue it "
                              "or name another file with records=")
         have = {(r["seed"], r["index"]) for r in done}
-        records = [r for r in done if r["seed"] in seeds]
+        # only this run's items and seeds count (a resume may narrow limit or seeds)
+        records = [r for r in done if r["seed"] in seeds and r["index"] < len(items)]
         stats = {"generated_tokens": 0.0, "generation_seconds": 0.0}
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as sink, \

@@ -106,3 +106,17 @@ def test_example_plugin_flags_jumps():
     assert module.flag_jumps([1e-3, 1.2e-3, 9e-3, 1.1e-3, 1e-3]) == [2]
     assert module.flag_jumps([1e-3, 1e-3]) == []
     assert module.flag_jumps([1.0, 0.1, 0.1], k=3) == [0]
+
+
+def test_an_existing_plot_file_is_refused_before_any_work(saved, plugins, tmp_path,
+                                                          monkeypatch):
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a picture of the user's")
+    quantized, tokenizer, _ = api.load_model(str(saved / "q"), plugins)
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded the reference"))
+    with pytest.raises(ValueError, match="mine.png exists"):
+        api.evaluate(quantized, tokenizer, "layer-error",
+                     {"reference": str(saved / "tiny"), "seq_len": 16, "windows": 2,
+                      "data": {"source": str(saved / "calib.txt")}, "plot": str(mine)},
+                     plugins=plugins)
+    assert mine.read_bytes() == b"a picture of the user's"

@@ -161,6 +161,10 @@ def test_resume_after_a_kill_finishes_only_the_rest(tiny_tokenizer, problems, tm
             (tmp_path / "fresh.jsonl").read_text().splitlines()] == [r["output"] for r in done]
     assert fresh.metrics["pass@1"] == result.metrics["pass@1"]
     assert fresh.metrics["mean_output_tokens"] == result.metrics["mean_output_tokens"]
+    # resuming with a narrower limit counts only the items of this run
+    narrower = _evaluate(make_tiny_model("llama"), tiny_tokenizer,
+                         {**options, "resume": True, "limit": 2}, plugins)
+    assert narrower.metrics["items"] == 2 and narrower.details["resumed_records"] == 4
 
 
 @pytest.mark.parametrize("content, options, message", [
