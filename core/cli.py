@@ -1,4 +1,4 @@
-"""The ``qcore`` command line: quantize, evaluate, list-plugins, schemes, demo."""
+"""The ``qcore`` command line: quantize, evaluate, study, list-plugins, schemes, demo."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
     for row in cells:
         table.add_row(*row)
     # never cut a name: on a narrow terminal the lines run longer instead
-    out.print(table, width=max(out.width, sum(widths) + 3 * len(widths) + 1), crop=False)
+    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
+    wide.print(table, crop=False)
     for fail in listing["failures"]:
         out.print(f"plugin {fail['name']} ({fail['distribution'] or 'no distribution'}) "
                   f"left out at {fail['stage']}: {fail['error']}", style="red", markup=False,
@@ -226,6 +227,56 @@ def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]
     return result, meta, time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- study
+def cmd_study(args: argparse.Namespace) -> int:
+    from qcore import study
+    from qcore.study.table import fmt, summary
+
+    if args.grid and args.quick:
+        raise api.ConfigError("give a grid file or --quick, not both")
+    grid = (study.StudyGrid.from_file(args.grid) if args.grid
+            else study.quick_grid() if args.quick else study.default_grid())
+    report = (lambda line: None) if args.json else (
+        lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    result = study.run_study(grid, args.out, executor=args.executor,
+                             ray_address=args.ray_address, ray_cpus=args.ray_cpus,
+                             report=report)
+    if args.json:
+        _print_json({"out": str(result.root), "cells": result.cells,
+                     "reused": result.reused, "ran": result.ran, "failed": result.failed,
+                     "seconds": round(result.seconds, 1), "files": result.files,
+                     "findings": [f.model_dump() for f in result.findings],
+                     "rows": [{k: v for k, v in r.items() if k != "layers"}
+                              for r in result.rows]})
+        return 0
+    header, body = summary(result.rows, result.columns)
+    cells = [[fmt(v) for v in row] for row in body]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(header)]
+    table = Table(title=grid.title)
+    for col, width in zip(header, widths, strict=True):
+        table.add_column(col, no_wrap=True, min_width=width,
+                         justify="left" if col in ("model", "method", "scheme", "backend",
+                                                   "status") else "right")
+    for row in cells:
+        table.add_row(*row)
+    # never cut a number: on a narrow terminal the lines run longer instead
+    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
+    wide.print(table, crop=False)
+    for r in result.rows:
+        for stage, error in r["errors"].items():
+            out.print(f"{r['model']} / {r['method']} / {r['scheme']}: {stage} failed: {error}",
+                      style="red", markup=False, soft_wrap=True)
+    for i, f in enumerate(result.findings, 1):
+        out.print(f"{i}. {f.title}: " + (f.statement or f"not stated: {f.missing}"),
+                  markup=False, soft_wrap=True)
+    out.print(f"{result.cells} cells ({result.reused} cached, {result.ran} run, "
+              f"{len(result.failed)} with failures) in {result.seconds:.0f} s; table "
+              f"{result.files['markdown']}, findings {result.files['findings']}, "
+              f"{len(result.files['plots'])} plots in {result.root / 'plots'}",
+              markup=False, soft_wrap=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """Full precision vs RTN W4A16 g64 on SmolLM2-135M with offline text (pydoc topics)."""
@@ -388,6 +439,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a field of the evaluator's config (repeatable; default: none)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("study", "run a models x methods x schemes grid as cached, resumable cells; "
+                         "write the table, plots and findings")
+    p.add_argument("grid", nargs="?", metavar="GRID.yaml",
+                   help="the grid (YAML/JSON; see examples/study-r1-distill.yaml); default: "
+                        "the built-in SmolLM2-135M grid")
+    p.add_argument("--quick", action="store_true",
+                   help="a reduced built-in grid (4 cells, tiny calibration): a smoke run")
+    p.add_argument("--out", default="qcore-study", metavar="DIR",
+                   help="the study folder: cache, tables, plots; rerunning into it redoes "
+                        "only the unfinished cells")
+    p.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
+                   help="cells one after another here, or as Ray tasks")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="a running Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                   help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_study)
 
     p = command("demo", "SmolLM2-135M: full precision vs RTN W4A16 g64 (offline)")
     p.add_argument("--data", default="pydoc", metavar="SOURCE",

@@ -159,6 +159,12 @@ class Backend(ABC):
     def is_available(cls) -> bool:
         return True
 
+    @classmethod
+    def cluster_resources(cls) -> dict[str, float]:
+        """What one study cell on this backend asks of a cluster scheduler, in Ray's
+        resource names (``CPU``, ``GPU``, or custom ones such as ``NPU``)."""
+        return {"CPU": 1.0}
+
     @property
     @abstractmethod
     def device(self) -> torch.device: ...
@@ -219,6 +225,8 @@ class Evaluator(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]] = NoOptions
     description: ClassVar[str] = ""
+    #: the metrics a study's table shows (empty: all); files keep every metric
+    summary_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: BaseModel) -> None:
         self.config = config

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from qcore.profiling import ACTIVATION_QUANT, INT_GEMM, kernel_range
 from qcore.quant.linear import QuantLinear
 
 ENGINES = ("auto", "onednn", "fbgemm", "int_mm")
@@ -226,8 +227,10 @@ def _make_kernel(engine: str) -> Callable[[QuantLinear, torch.Tensor], torch.Ten
         if name == "auto":
             small = x2.shape[0] <= AUTO_MAX_SMALL_M and HAS_VNNI
             name = "fbgemm" if small else "onednn"
-        codes, token_scale = _activation_codes(module, x2)
-        y = GEMMS[name](module, INPUT_FORMAT[name](codes)).mul_(token_scale)
+        with kernel_range(ACTIVATION_QUANT):
+            codes, token_scale = _activation_codes(module, x2)
+        with kernel_range(INT_GEMM):
+            y = GEMMS[name](module, INPUT_FORMAT[name](codes)).mul_(token_scale)
         if module.bias is not None:
             y = y + module.bias.float()
         return y.reshape(*shape[:-1], module.out_features).to(x.dtype)

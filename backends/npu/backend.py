@@ -26,6 +26,10 @@ class NPUBackend(Backend):
         self._device = torch.device(device) if device is not None else None
 
     @classmethod
+    def cluster_resources(cls) -> dict[str, float]:
+        return {"CPU": 1.0, "NPU": 1.0}  # the resource name vllm-ascend registers in Ray
+
+    @classmethod
     def is_available(cls) -> bool:
         if importlib.util.find_spec("torch_npu") is None:
             return False

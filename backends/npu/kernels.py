@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcore.profiling import ACTIVATION_QUANT, INT_GEMM, kernel_range
 from qcore.quant.linear import QuantLinear
 
 
@@ -105,9 +106,11 @@ def w8a8_dynamic_kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if module.input_transform is not None:
         x = module.input_transform(x)
     shape = x.shape
-    x_q, x_scale = npu.npu_dynamic_quant(x.reshape(-1, shape[-1]))
-    y = npu.npu_quant_matmul(x_q, p.weight, p.scale, pertoken_scale=x_scale.reshape(-1),
-                             bias=None, output_dtype=x.dtype)
+    with kernel_range(ACTIVATION_QUANT):
+        x_q, x_scale = npu.npu_dynamic_quant(x.reshape(-1, shape[-1]))
+    with kernel_range(INT_GEMM):
+        y = npu.npu_quant_matmul(x_q, p.weight, p.scale, pertoken_scale=x_scale.reshape(-1),
+                                 bias=None, output_dtype=x.dtype)
     if module.bias is not None:
         y = y + module.bias
     return y.reshape(*shape[:-1], -1)

@@ -47,6 +47,7 @@ class Perplexity(Evaluator):
     name = "perplexity"
     Config = PerplexityConfig
     description = "exp(mean token NLL) over the first N windows of L tokens"
+    summary_metrics = ("perplexity",)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource

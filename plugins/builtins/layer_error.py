@@ -108,6 +108,7 @@ class LayerError(Evaluator):
     name = "layer-error"
     Config = LayerErrorConfig
     description = "per-layer output error vs the float model, alone and accumulated (+ plot)"
+    summary_metrics = ("max_alone", "worst_over_median", "worst_layer", "final_accumulated")
 
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:

@@ -169,6 +169,8 @@ class Reasoning(Evaluator):
     name = "reasoning"
     Config = ReasoningConfig
     description = "pass@1 over seeds on math problems + collapse metrics (loops, no answer)"
+    summary_metrics = ("pass@1", "repetition_rate", "truncated_rate", "no_answer_rate",
+                       "mean_output_tokens")
 
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:
