@@ -37,7 +37,8 @@ def wheel_install(tmp_path_factory):
 def test_wheel_contains_every_package_and_the_entry_points(wheel_install):
     wheel, _ = wheel_install
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("qcore/pipeline.py", "qcore/quant/linear.py", "qcore_rtn/plugin.py",
+    for pkg in ("qcore/pipeline.py", "qcore/quant/linear.py", "qcore/study/runner.py",
+                "qcore_rtn/plugin.py", "qcore_builtins/kernel_time.py",
                 "qcore_builtins/formats.py", "qcore_backends/cpu/backend.py"):
         assert pkg in names
     eps = next(n for n in names if n.endswith("entry_points.txt"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -47,6 +47,8 @@ class MethodEntry(BaseModel):
                                                                 "(default: the grid's)")
     group_size: int | None = Field(default=None, gt=0, description="overrides the grid's "
                                    "(grouped presets only)")
+    observer: Literal["minmax", "mse"] | None = Field(
+        default=None, description="weight range observer (default: the scheme's, minmax)")
 
     @property
     def label(self) -> str:
@@ -141,7 +143,7 @@ def expand(grid: StudyGrid, not_on_baseline: set[str] = frozenset()) -> list[Cel
                 for scheme in method.schemes or grid.schemes:
                     run = RunConfig(model=model.path, method=method.method, scheme=scheme,
                                     group_size=cell_group_size(grid, method, scheme),
-                                    method_config=method.options,
+                                    observer=method.observer, method_config=method.options,
                                     calibration=grid.calibration, backend=backend,
                                     error_windows=grid.error_windows)
                     cells.append(Cell(model=model, method=method, scheme=scheme,
@@ -221,6 +223,11 @@ def check_grid(grid: StudyGrid, plugins: PluginManager, check_available: bool = 
     except (ValueError, QcoreError) as exc:
         problem("calibration.data", exc)
     for i, method in enumerate(grid.methods):
+        try:
+            plugins.get("quantizer", method.method)
+        except PluginError as exc:
+            problem(f"methods[{i}] ({method.label})", exc)
+            continue
         for scheme in method.schemes or grid.schemes:
             if scheme.upper() not in PRESETS:
                 continue
