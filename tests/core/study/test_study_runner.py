@@ -7,8 +7,8 @@ import pytest
 
 from qcore import api
 from qcore.errors import ConfigError
-from qcore.study import run_study
 from qcore.study import executors as executors_module
+from qcore.study import run_study
 from qcore.study.cache import StudyLock
 from qcore.study.cells import run_cell, tensor_bytes
 
@@ -99,8 +99,9 @@ def test_a_corrupted_cache_entry_is_recomputed_with_a_warning(make_grid, tmp_pat
     grid = make_grid(methods=[{"method": "rtn", "schemes": ["W4A16"]}],
                      evaluators=make_grid().evaluators[:1])
     out = tmp_path / "study"
-    before = _rows(run_study(grid, out))["rtn", "W4A16"]["evals"]["perplexity"]
-    entry = next((out / "cells").rglob("eval-perplexity-*.json"))
+    row = _rows(run_study(grid, out))["rtn", "W4A16"]
+    before = row["evals"]["perplexity"]
+    (entry,) = (out / "cells" / row["key"]).glob("eval-perplexity-*.json")
     entry.write_text('{"key": "x", "metr')
     with caplog.at_level(logging.WARNING):
         result = run_study(grid, out)
