@@ -22,7 +22,15 @@ from qcore.config import RunConfig, validation_summary
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.errors import ConfigError, SavedModelError
 from qcore.finite import check_source_weights
-from qcore.interfaces import Backend, DataSpec, Evaluator, Format, Quantizer, WeightSolver
+from qcore.interfaces import (
+    Backend,
+    DataSpec,
+    Evaluator,
+    Format,
+    Quantizer,
+    SavedModel,
+    WeightSolver,
+)
 from qcore.io import check_output_dir
 from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
 from qcore.models.loading import (
@@ -40,7 +48,8 @@ from qcore.versions import package_versions
 log = logging.getLogger(__name__)
 
 
-__all__ = ["ConfigError", "quantize", "evaluate", "load_model", "save_model", "perplexity"]
+__all__ = ["ConfigError", "quantize", "evaluate", "load_model", "save_model", "export_model",
+           "perplexity"]
 
 
 def _validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict
@@ -206,6 +215,32 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | Path, metadata: dic
     return fmt().save(model, tokenizer, Path(path), meta).path
 
 
+def export_model(source: str, format: str, out: str | Path, *, overwrite: bool = False,
+                 max_shard_size: str | None = None, plugins: PluginManager | None = None
+                 ) -> SavedModel:
+    """Write a quantized model (a qcore save, or a checkpoint a format plugin reads) in
+    ``format`` at ``out``, atomically; the result's metadata holds the format's summary.
+    A model the format cannot hold is refused with the layer and what is missing."""
+    plugins = plugins or get_plugin_manager()
+    fmt: type[Format] = plugins.get("format", format)
+    path = Path(resolve_model_source(source))
+    if not path.exists():
+        raise ConfigError(f"--model {source}: no such file or folder")
+    check_output_dir(out, overwrite=overwrite, inputs=[path])
+    model, tokenizer, meta = load_model(source, plugins, backend=None)
+    if meta is None:
+        raise ConfigError(f"{source} is not a quantized model; quantize it with "
+                          f"`qcore quantize --format {format}`")
+    details = {"source": str(source), "source_format": meta.get("format"),
+               "versions": package_versions()}
+    if max_shard_size:
+        details["max_shard_size"] = max_shard_size
+    try:
+        return fmt().save(model, tokenizer, Path(out), details)
+    except ValueError as exc:
+        raise ConfigError(f"--format {format}: {exc}") from exc
+
+
 # ----------------------------------------------------------------------------- quantize
 @dataclass
 class QuantizeResult:
@@ -242,7 +277,10 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         if model_path is not None and model_path.is_dir() and find_format(model_path, plugins):
             raise ConfigError(f"{config.model} is already a quantized qcore model")
     if config.save is not None:
-        plugins.get("format", config.format)
+        problem = plugins.get("format", config.format).check_run(
+            scheme, quantizer.online_transforms())
+        if problem:
+            raise ConfigError(f"--format {config.format}: {problem}")
         inputs = [p for p in (model_path, Path(source)) if p is not None]
         check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
                          expected_bytes=_expected_save_bytes(model_path, config))
@@ -269,13 +307,31 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     backend.install_kernels(model)
     saved = None
     if config.save is not None:
-        saved = save_model(model, tokenizer, config.save,
-                           {"run": config.model_dump(mode="json"),
-                            "scheme": scheme.model_dump(mode="json"),
-                            "report": report.model_dump(mode="json")},
-                           format=config.format, plugins=plugins, overwrite=config.overwrite)
+        metadata = {"run": config.model_dump(mode="json"),
+                    "scheme": scheme.model_dump(mode="json"),
+                    "report": report.model_dump(mode="json")}
+        try:
+            saved = save_model(model, tokenizer, config.save, metadata, format=config.format,
+                               plugins=plugins, overwrite=config.overwrite)
+        except ValueError as exc:  # a layer the format cannot hold: keep the work anyway
+            if config.format == "qcore":
+                raise
+            rescue = _rescue_path(Path(config.save))
+            save_model(model, tokenizer, rescue, metadata, plugins=plugins)
+            raise ConfigError(f"--format {config.format}: {exc}; the quantized model was "
+                              f"saved in the qcore format at {rescue} instead") from exc
     return QuantizeResult(model=model, tokenizer=tokenizer, report=report, saved=saved,
                           config=config)
+
+
+def _rescue_path(save: Path) -> Path:
+    """A new sibling of ``save`` for a model its chosen format refused."""
+    candidate = save.with_name(f"{save.name}-qcore")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = save.with_name(f"{save.name}-qcore{n}")
+    return candidate
 
 
 def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str, Any], *,

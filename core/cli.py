@@ -1,4 +1,4 @@
-"""The ``qcore`` command line: quantize, evaluate, study, list-plugins, schemes, demo."""
+"""The ``qcore`` command line: quantize, evaluate, export, study, list-plugins, schemes, demo."""
 
 from __future__ import annotations
 
@@ -227,6 +227,31 @@ def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]
     return result, meta, time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    saved = api.export_model(args.model, args.format, args.out, overwrite=args.overwrite,
+                             max_shard_size=args.max_shard_size)
+    summary = saved.metadata.get("export", {})
+    if args.json:
+        _print_json({"out": str(saved.path), **summary})
+        return 0
+    layers = summary.get("layers", {})
+    kinds: dict[str, int] = {}
+    for info in layers.values():
+        key = f"{info['format']}: {info['weights']}" + (
+            f", activations {info['activations']}" if info.get("activations") else "")
+        kinds[key] = kinds.get(key, 0) + 1
+    out.print(f"wrote {saved.path} ({args.format}): {summary.get('tensors', '?')} tensors, "
+              f"{summary.get('bytes', 0) / 2**20:.1f} MiB in "
+              f"{', '.join(summary.get('files', [])) or '?'}", markup=False, soft_wrap=True)
+    for key, count in kinds.items():
+        out.print(f"  {count} linears {key}", markup=False, soft_wrap=True)
+    if summary.get("ignore"):
+        out.print(f"  left in float: {', '.join(summary['ignore'])}", markup=False,
+                  soft_wrap=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- study
 def cmd_study(args: argparse.Namespace) -> int:
     from qcore import study
@@ -439,6 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a field of the evaluator's config (repeatable; default: none)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("export", "write a quantized model in a serving format "
+                          "(compressed-tensors for vLLM)")
+    p.add_argument("--model", required=True, help="a saved qcore model (or a checkpoint a "
+                                                  "format plugin reads)")
+    p.add_argument("--format", required=True, help="format plugin, e.g. compressed-tensors")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, written atomically; must not exist or be empty "
+                        "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing saved model at --out")
+    p.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB (default: transformers', 50GB)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_export)
 
     p = command("study", "run a models x methods x schemes grid as cached, resumable cells; "
                          "write the table, plots and findings")

@@ -85,6 +85,12 @@ class Quantizer(ABC):
         plugin manager and validate their options; raise ValueError naming what is wrong.
         Called by :func:`qcore.api.build_quantizer` before any work."""
 
+    def online_transforms(self) -> bool:
+        """Whether the quantized model computes transforms at run time (QuantLinear
+        ``input_transform``, e.g. FlatQuant's): a save format that cannot store them
+        refuses the run before any work."""
+        return False
+
     def needed_roles(self) -> tuple[str, ...]:
         """The roles this configured method reads (``required_roles``, plus those of any
         method it composes)."""
@@ -288,6 +294,12 @@ class Format(ABC):
     @classmethod
     def can_load(cls, path: Path) -> bool:
         return False
+
+    @classmethod
+    def check_run(cls, scheme: QuantScheme, online_transforms: bool) -> str | None:
+        """Why this format cannot hold a model quantized with ``scheme`` (and online
+        transforms, if any), or None; asked before a run whose output it will write."""
+        return None
 
     @classmethod
     def diagnose(cls, path: Path) -> str | None:

@@ -476,6 +476,9 @@ class FlatQuantQuantizer(Quantizer):
             raise UnsupportedScheme(f"flatquant needs per-channel or per-group weights, not "
                                     f"per-tensor (scheme {scheme.name})")
 
+    def online_transforms(self) -> bool:
+        return True  # each QuantLinear keeps its Kronecker transform as input_transform
+
     def bind(self, plugins: Any) -> None:
         """The weight solver, from the run's plugin manager, with validated options."""
         self.solver = api.build_solver(self.config.weight_method, self.config.weight_options,

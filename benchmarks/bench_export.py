@@ -1,0 +1,253 @@
+"""compressed-tensors both ways on SmolLM2-135M, each side measured by its own tools.
+
+    python benchmarks/bench_export.py                # 32 x 512 calibration windows
+    python benchmarks/bench_export.py --samples 8 --skip-peer
+
+1. qcore -> compressed-tensors: GPTQ W4A16 g64 (act-order, static groups) and SmoothQuant
+   W8A8 (default options) quantized by qcore, exported with `qcore export`. Checked by
+   compressed-tensors' own dequantizer (tensors differing from qcore's dequantized weights:
+   must be 0) and by transformers' loader (`CompressedTensorsConfig(dequantize=True)`, and
+   for W8A8 also the compressed load, which quantizes activations): its perplexity over
+   qcore's on the same windows.
+2. llm-compressor -> qcore: llm-compressor 0.14 (its own venv, /work/llmc-venv, see
+   DESIGN.md) quantizes GPTQ W4A16 g64 (actorder static) and W8A8 (QuantizationModifier,
+   int8 per-channel weights, per-token dynamic activations), measures its own perplexity
+   in memory and saves compressed; qcore loads each folder into QuantLinear modules
+   (packed, never dequantized to float) and measures its perplexity.
+
+Perplexity: the same function on both sides (benchmarks/_common.py), the first 16 windows
+of 512 tokens of the wiki tail; calibration from the head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
+
+HERE = Path(__file__).resolve()
+PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+
+
+# ----------------------------------------------------------------------------- peer side
+def worker_llmc(a: argparse.Namespace) -> dict:
+    """llm-compressor quantizes, measures its own perplexity, saves compressed."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(a.threads)
+    calib, eval_ids = torch.load(a.calib), torch.load(a.eval)
+    out = {}
+    for case in ("gptq-w4a16", "w8a8"):
+        model = load_fp32(a.model)
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        if case == "gptq-w4a16":
+            scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+                num_bits=4, type="int", symmetric=False, strategy="group", group_size=64))
+            recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                  block_size=128, dampening_frac=0.01, actorder="static")
+        else:
+            scheme = QuantizationScheme(
+                targets=["Linear"],
+                weights=QuantizationArgs(num_bits=8, type="int", symmetric=True,
+                                         strategy="channel"),
+                input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True,
+                                                   strategy="token", dynamic=True))
+            recipe = QuantizationModifier(config_groups={"group_0": scheme},
+                                          ignore=["lm_head"])
+        ds = Dataset.from_dict({"input_ids": calib.tolist(),
+                                "attention_mask": torch.ones_like(calib).tolist()})
+        t0 = time.perf_counter()
+        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
+                num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+                shuffle_calibration_samples=False)
+        seconds = time.perf_counter() - t0
+        ppl = window_perplexity(model, eval_ids, batch_size=1)
+        folder = Path(a.out) / case
+        model.save_pretrained(folder, save_compressed=True)
+        tokenizer.save_pretrained(folder)
+        out[case] = {"ppl": ppl, "seconds": seconds, "folder": str(folder)}
+    return out
+
+
+# ----------------------------------------------------------------------------- qcore side
+def _qcore_quantize(folder: Path, calib: Path, method: str, scheme: str, group_size, options,
+                    save: Path):
+    """qcore's run through the API with the benchmark's calibration token windows."""
+    import torch
+
+    from qcore import api
+    from qcore.pipeline import run_layerwise
+    from qcore.plugins import PluginManager
+    from qcore.schemes import get_scheme
+
+    plugins = PluginManager()
+    model, tokenizer, _ = api.load_model(str(folder), plugins)
+    resolved = get_scheme(scheme, group_size)
+    quantizer = api.build_quantizer(method, resolved, options, plugins)
+    backend = api.build_backend("cpu", plugins)
+    t0 = time.perf_counter()
+    report = run_layerwise(model, quantizer, api.adapter_for(model, plugins), backend,
+                           torch.load(calib), plugins=plugins, progress=False)
+    seconds = time.perf_counter() - t0
+    backend.install_kernels(model)
+    api.save_model(model, tokenizer, save, {"report": report.model_dump(mode="json")},
+                   plugins=plugins)
+    return model, seconds
+
+
+def _ct_mismatches(model, ct_dir: Path, work: Path) -> int:
+    """Quantized linears whose weight compressed-tensors' own dequantizer does not
+    reproduce bit for bit."""
+    import torch
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
+        CompressedTensorsDequantizer,
+    )
+    from safetensors.torch import load_file
+
+    from qcore.quant.linear import QuantLinear
+
+    floats = ["re:.*embed_tokens$", "re:.*norm$", "lm_head"]
+    convert_checkpoint(ct_dir, work, CompressedTensorsDequantizer(
+        ct_dir, ignore=floats, dtype=torch.float32), max_workers=1, device="cpu")
+    dense = {}
+    for file in work.glob("*.safetensors"):
+        dense.update(load_file(str(file)))
+    return sum(not torch.equal(dense[f"{n}.weight"], m.dequantize())
+               for n, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
+def qcore_to_ct(a: argparse.Namespace, folder: Path, calib: Path, eval_ids: Path,
+                work: Path) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from qcore import api
+
+    rows = []
+    ids = torch.load(eval_ids)
+    cases = [("GPTQ W4A16 g64 act-order", "gptq", "W4A16", 64,
+              {"act_order": True, "static_groups": True}),
+             ("SmoothQuant W8A8", "smoothquant", "W8A8", None, {})]
+    for label, method, scheme, group_size, options in cases:
+        saved = work / f"qcore-{method}"
+        model, seconds = _qcore_quantize(folder, calib, method, scheme, group_size, options,
+                                         saved)
+        q_ppl = window_perplexity(model, ids, batch_size=1)
+        t0 = time.perf_counter()
+        ct_dir = work / f"ct-{method}"
+        api.export_model(str(saved), "compressed-tensors", ct_dir)
+        export_s = time.perf_counter() - t0
+        mismatches = _ct_mismatches(model, ct_dir, work / f"deq-{method}")
+        loads = {"dequantize=True": CompressedTensorsConfig(dequantize=True)}
+        if scheme == "W8A8":
+            loads["compressed"] = None
+        for how, qconfig in loads.items():
+            kwargs = {"quantization_config": qconfig} if qconfig is not None else {}
+            row = {"direction": "qcore -> compressed-tensors", "case": label,
+                   "reader": f"transformers ({how})", "qcore ppl": q_ppl,
+                   "CT mismatches": mismatches, "seconds": export_s, "quant s": seconds}
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32,
+                                                          **kwargs)
+                hf_ppl = window_perplexity(hf.eval(), ids, batch_size=1)
+                row.update({"other ppl": hf_ppl, "ratio": hf_ppl / q_ppl})
+                del hf
+            except Exception as exc:  # noqa: BLE001 - a reader's failure is a result
+                row.update({"other ppl": f"failed: {type(exc).__name__}: {exc}"[:120],
+                            "ratio": "-"})
+            rows.append(row)
+    return rows
+
+
+def ct_to_qcore(peer: dict, eval_ids: Path) -> list[dict]:
+    import torch
+
+    from qcore import api
+    from qcore.quant.linear import QuantLinear
+
+    rows = []
+    ids = torch.load(eval_ids)
+    for case, result in peer.items():
+        t0 = time.perf_counter()
+        model, _, meta = api.load_model(result["folder"])
+        load_s = time.perf_counter() - t0
+        n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
+        ppl = window_perplexity(model, ids, batch_size=1)
+        rows.append({"direction": "llm-compressor -> qcore", "case": case,
+                     "reader": f"qcore ({n_quant} QuantLinear, {meta['format']})",
+                     "qcore ppl": ppl, "other ppl": result["ppl"],
+                     "ratio": ppl / result["ppl"], "CT mismatches": "-",
+                     "seconds": load_s, "quant s": result["seconds"]})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-peer", action="store_true", help="qcore -> compressed-tensors only")
+    p.add_argument("--worker", choices=["llmc"], help=argparse.SUPPRESS)
+    p.add_argument("--calib", help=argparse.SUPPRESS)
+    p.add_argument("--eval", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        Path(a.result).write_text(json.dumps(worker_llmc(a)))
+        return
+
+    import torch
+
+    from qcore.models.loading import smollm2_folder
+
+    torch.set_num_threads(a.threads)
+    folder = Path(smollm2_folder())
+    work = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, [a.samples],
+                                         work)
+    rows = qcore_to_ct(a, folder, files[a.samples], eval_ids, work)
+    if not a.skip_peer:
+        if not PEER_PYTHON.exists():
+            raise SystemExit(f"{PEER_PYTHON} is missing: build the llm-compressor venv "
+                             "(DESIGN.md) or pass --skip-peer")
+        result = work / "peer.json"
+        peer = run_measured([str(PEER_PYTHON), str(HERE), "--worker", "llmc", "--calib",
+                             str(files[a.samples]), "--eval", str(eval_ids), "--model",
+                             str(folder), "--out", str(work / "llmc"), "--result",
+                             str(result), "--threads", str(a.threads)], result, peer=True)
+        if "error" in peer:
+            raise SystemExit(f"llm-compressor side failed: {peer['error']}")
+        peer = {k: v for k, v in peer.items() if isinstance(v, dict)}
+        rows += ct_to_qcore(peer, eval_ids)
+
+    print(f"\nSmolLM2-135M, {a.samples} x {a.seq_len} wiki head calibration, perplexity on "
+          f"{a.eval_windows} x {a.seq_len} wiki tail windows ({a.threads} threads)\n")
+    cols = ["direction", "case", "reader", "qcore ppl", "other ppl", "ratio",
+            "CT mismatches", "seconds", "quant s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = [f"{r[c]:.4f}" if isinstance(r[c], float) and c in ("qcore ppl", "other ppl")
+                 else f"{r[c]:.5f}" if c == "ratio" and isinstance(r[c], float)
+                 else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+    print("\n'seconds': export (qcore -> CT) or qcore's load of the peer folder; 'quant s': "
+          "the quantization on that side.")
+
+
+if __name__ == "__main__":
+    main()

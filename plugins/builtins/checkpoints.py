@@ -1,0 +1,154 @@
+"""What every format that writes or reads other tools' checkpoints shares: sharded
+safetensors with transformers' naming, a reader of a folder's tensors that names what is
+missing or malformed, and the assembly of a model whose quantized linears are built from
+stored codes (never from a float weight)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from qcore.errors import SavedModelError
+from qcore.quant.linear import QuantLinear, replace_module
+
+#: transformers' default shard size
+DEFAULT_MAX_SHARD_SIZE = "50GB"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                      pattern: str = "model{suffix}.safetensors",
+                      index_file: str = INDEX_FILE) -> list[str]:
+    """``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` and an index
+    when the tensors exceed ``max_shard_size`` (transformers' naming); the files."""
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=pattern,
+                                               max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (folder / index_file).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """A folder's config.json as a dict, or None."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+class SafetensorsFolder:
+    """The tensors of a folder's ``model.safetensors`` or its indexed shards, read one by
+    one (memory-mapped), with errors naming the tensor or the missing shard. Pickled
+    ``.bin`` checkpoints are never read."""
+
+    def __init__(self, path: Path, single: str = "model.safetensors",
+                 index_file: str = INDEX_FILE) -> None:
+        self.path = path
+        index = path / index_file
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise SavedModelError(f"{index}: not a safetensors index ({exc})") from exc
+        elif (path / single).is_file():
+            try:
+                with safe_open(str(path / single), "pt") as f:
+                    weight_map = {k: single for k in f.keys()}
+            except (SafetensorError, OSError) as exc:
+                raise SavedModelError(f"{path / single}: unreadable ({exc})") from exc
+        else:
+            raise SavedModelError(f"{path}: no {single} or {index_file} (pickled .bin "
+                                  "checkpoints are never loaded)")
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                first = next(k for k, v in weight_map.items() if v == shard)
+                raise SavedModelError(f"{path}: shard {shard} (holding {first}) is missing")
+        self.weight_map: dict[str, str] = weight_map
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise SavedModelError(f"{self.path}: tensor {name} is missing")
+        try:
+            with safe_open(str(self.path / shard), "pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise SavedModelError(f"{self.path / shard}: cannot read {name} ({exc})") from exc
+
+
+def expect_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...],
+                  dtypes: tuple[torch.dtype, ...]) -> None:
+    """A stored tensor has the shape and one of the dtypes its layout prescribes."""
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise SavedModelError(f"tensor {name}: expected {want} {list(shape)}, found "
+                              f"{str(tensor.dtype).removeprefix('torch.')} "
+                              f"{list(tensor.shape)}")
+
+
+MakeLinear = Callable[[str, nn.Linear, torch.dtype], "QuantLinear | None"]
+
+
+def assemble(path: Path, tensors: SafetensorsFolder, make_linear: MakeLinear
+             ) -> tuple[nn.Module, Any, dict[str, QuantLinear]]:
+    """(model, tokenizer, quantized linears by name): the model's skeleton without
+    allocated weights, each linear for which ``make_linear`` returns a QuantLinear swapped
+    for it, every other tensor read from ``tensors`` (tied ones tied)."""
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None  # the skeleton stays plain: qcore fills it
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+        or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            built = make_linear(name, module, dtype)
+            if built is not None:
+                quantized[name] = built
+    if not quantized:
+        raise SavedModelError(f"{path}: no linear of the model is quantized in the checkpoint")
+    for name, module in quantized.items():
+        replace_module(model, name, module)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {}
+    for name, param in [*model.named_parameters(), *model.named_buffers()]:
+        if param.device.type != "meta":
+            continue
+        if tied and name.endswith("lm_head.weight") and name not in tensors:
+            continue  # tied: set by tie_weights below
+        state[name] = tensors.get(name).to(param.dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()]
+                  if p.device.type == "meta"]
+    if still_meta:
+        raise SavedModelError(f"{path}: tensors missing: {still_meta[:5]}")
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+    return model, tokenizer, quantized

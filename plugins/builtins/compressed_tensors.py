@@ -1,0 +1,367 @@
+"""compressed-tensors: the on-disk layout llm-compressor writes and vLLM reads (0.20).
+
+Writing (``--format compressed-tensors``): every QuantLinear becomes the tensors
+compressed-tensors' own compressor would produce for its scheme, and ``config.json``
+gets the ``quantization_config`` its ``ModelCompressor.update_config`` writes:
+
+* weight-only (W4A16, W3A16, W8A16...): format ``pack-quantized``: ``weight_packed``
+  int32 (the codes bit-packed densely along input features, :func:`pack_int32`),
+  ``weight_scale`` (out, groups), ``weight_shape`` int64 [2], and for asymmetric weights
+  ``weight_zero_point`` int32 packed along the output rows;
+* weights with activations (W8A8, W4A4): format ``int-quantized``: ``weight`` int8
+  signed codes, ``weight_scale``, an int8 ``weight_zero_point`` when asymmetric, and
+  ``input_scale`` (+ ``input_zero_point``) for static per-tensor activations;
+* layers left in float (``lm_head``, a method's ``skip``) are listed in ``ignore``.
+
+compressed-tensors' codes are signed (``q - 2**(bits-1)``) and its zero points too; the
+packed words hold them offset back by ``2**(bits-1)``, i.e. qcore's unsigned codes, so
+its dequantization ``(q_s - z_s) * scale`` equals qcore's ``(q - z) * scale`` bit for
+bit. Scales are written in float32 (qcore's), whatever the model's dtype.
+
+Refused, naming the layer and what the format lacks: online input transforms
+(FlatQuant), activation clipping, a permuted ``g_idx`` (act-order without static groups:
+compressed-tensors 0.20 removed ``actorder="group"``), per-tensor weights, and qcore's
+dynamic per-group KV-cache quantization (compressed-tensors stores static KV scales).
+
+Reading (``--model DIR`` of a compressed-tensors checkpoint, e.g. llm-compressor's):
+the packed codes load into QuantLinear modules as they are, never dequantized to float;
+safetensors only (no pickles), no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore.errors import SavedModelError
+from qcore.hookspecs import hookimpl
+from qcore.interfaces import Format, SavedModel
+from qcore.io import atomic_directory
+from qcore.quant.kvcache import kv_specs
+from qcore.quant.linear import QuantLinear, QuantLinearSpec
+from qcore.quant.packing import pack_codes, pack_int32, unpack_int32
+from qcore.quant.qparams import group_index
+from qcore.schemes import QuantArgs, QuantScheme
+from qcore_builtins.checkpoints import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SafetensorsFolder,
+    assemble,
+    expect_tensor,
+    read_config,
+    write_safetensors,
+)
+
+#: the compressed-tensors release whose layout and config this module writes
+CT_VERSION = "0.20.0"
+QUANT_METHOD = "compressed-tensors"
+PACKED, INT = "pack-quantized", "int-quantized"
+
+
+class NotExpressible(ValueError):
+    """A model the format cannot hold without changing its numbers."""
+
+
+# ----------------------------------------------------------------------------- writing
+def _weight_args(name: str, w: QuantArgs) -> dict[str, Any]:
+    if w.granularity not in ("channel", "group"):
+        raise NotExpressible(f"{name}: per-{w.granularity} weights; compressed-tensors "
+                             "export takes per-channel or grouped weights")
+    return {"num_bits": w.bits, "type": "int", "symmetric": w.symmetric,
+            "group_size": w.group_size, "strategy": w.granularity, "dynamic": False}
+
+
+def _activation_args(name: str, a: QuantArgs | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    if a.clip_ratio != 1.0:
+        raise NotExpressible(f"{name}: activations clipped to {a.clip_ratio} of their range; "
+                             "compressed-tensors has no activation clip ratio")
+    return {"num_bits": a.bits, "type": "int", "symmetric": a.symmetric, "group_size": None,
+            "strategy": a.granularity, "dynamic": a.dynamic}
+
+
+def _check_expressible(name: str, m: QuantLinear) -> None:
+    if m.input_transform is not None:
+        raise NotExpressible(f"{name}: an online input transform "
+                             f"({type(m.input_transform).__name__}, e.g. FlatQuant's); "
+                             "compressed-tensors cannot hold it: use the qcore format")
+    contiguous = group_index(m.in_features, m.spec.weights).to(m.g_idx.dtype)
+    if not torch.equal(m.g_idx.cpu(), contiguous):
+        raise NotExpressible(f"{name}: act-order g_idx with permuted groups; "
+                             "compressed-tensors 0.20 removed actorder='group': quantize "
+                             "GPTQ with static_groups=true (contiguous groups)")
+
+
+def linear_tensors(name: str, m: QuantLinear, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for one quantized linear."""
+    w, a = m.spec.weights, m.spec.activations
+    half = 2 ** (w.bits - 1)
+    codes = m.codes().cpu()
+    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": m.scales.detach().float().cpu()}
+    if fmt == PACKED:
+        out[f"{name}.weight_packed"] = pack_int32(codes, w.bits, dim=1)
+        out[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
+        if not w.symmetric:
+            out[f"{name}.weight_zero_point"] = pack_int32(m.zeros.cpu(), w.bits, dim=0)
+    else:
+        out[f"{name}.weight"] = (codes.to(torch.int16) - half).to(torch.int8)
+        if not w.symmetric:
+            out[f"{name}.weight_zero_point"] = (m.zeros.cpu().to(torch.int16)
+                                                - half).to(torch.int8)
+    if a is not None and not a.dynamic:
+        out[f"{name}.input_scale"] = m.input_scale.detach().float().reshape(1).cpu()
+        if not a.symmetric:
+            zero = m.input_zero.detach().cpu().to(torch.int16) - 2 ** (a.bits - 1)
+            out[f"{name}.input_zero_point"] = zero.reshape(1).to(torch.int8)
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().cpu()
+    return out
+
+
+def export_plan(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+    """(quantization_config, format per quantized linear); NotExpressible for a model
+    the format cannot hold, naming the first layer that stops it."""
+    kv = kv_specs(model)
+    if kv:
+        raise NotExpressible(f"{next(iter(kv))}: the KV cache is quantized dynamically per "
+                             "group at run time; compressed-tensors stores static KV-cache "
+                             "scales (kv_cache_scheme): export a scheme without KV "
+                             "quantization or use the qcore format")
+    groups: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[str]] = {}
+    formats: dict[str, str] = {}
+    ignore = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            _check_expressible(name, module)
+            weights = _weight_args(name, module.spec.weights)
+            acts = _activation_args(name, module.spec.activations)
+            fmt = INT if acts is not None else PACKED
+            key = json.dumps([weights, acts], sort_keys=True)
+            if key not in groups:
+                groups[key] = {"weights": weights, "input_activations": acts,
+                               "output_activations": None, "format": fmt}
+                members[key] = []
+            members[key].append(name)
+            formats[name] = fmt
+        elif isinstance(module, nn.Linear):
+            ignore.append(name)
+    if not groups:
+        raise NotExpressible("the model has no quantized linear: nothing to export")
+    config_groups = {}
+    for i, (key, scheme) in enumerate(groups.items()):
+        targets = ["Linear"] if len(groups) == 1 else members[key]
+        config_groups[f"group_{i}"] = {"targets": targets, **scheme}
+    distinct = set(formats.values())
+    qconfig = {
+        "version": CT_VERSION, "quant_method": QUANT_METHOD, "sparsity_config": {},
+        "transform_config": {}, "config_groups": config_groups, "kv_cache_scheme": None,
+        "format": distinct.pop() if len(distinct) == 1 else "mixed-precision",
+        "quantization_status": "compressed", "global_compression_ratio": None,
+        "ignore": ignore, "moe_sparsity_config": None,
+    }
+    return qconfig, formats
+
+
+def _float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor outside the quantized linears, tied copies once (as transformers
+    saves them)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif pattern in (name, type(module).__name__):
+            return True
+    return False
+
+
+def _qcore_args(raw: dict[str, Any], where: str) -> QuantArgs:
+    if raw.get("type", "int") != "int":
+        raise SavedModelError(f"{where}: {raw.get('type')} quantization; qcore reads integer "
+                              "schemes")
+    strategy = raw.get("strategy") or ("group" if raw.get("group_size") else "tensor")
+    if strategy not in ("channel", "group", "token", "tensor"):
+        raise SavedModelError(f"{where}: strategy {strategy!r} is not supported")
+    return QuantArgs(bits=raw.get("num_bits", 8), symmetric=raw.get("symmetric", True),
+                     granularity=strategy,
+                     group_size=raw.get("group_size") if strategy == "group" else None,
+                     dynamic=bool(raw.get("dynamic", False)))
+
+
+def _scheme_for(name: str, module: nn.Module, qconfig: dict[str, Any]
+                ) -> tuple[dict[str, Any], str] | None:
+    if _matches(name, module, qconfig.get("ignore") or []):
+        return None
+    for group in qconfig["config_groups"].values():
+        if _matches(name, module, group.get("targets", [])):
+            return group, group.get("format") or qconfig.get("format")
+    return None
+
+
+def load_linear(name: str, linear: nn.Linear, group: dict[str, Any], fmt: str,
+                tensors: SafetensorsFolder, dtype: torch.dtype) -> QuantLinear:
+    """One QuantLinear from its stored codes, scales and zero points (no float weight)."""
+    if group.get("weights") is None:
+        raise SavedModelError(f"{name}: a config group without weights is not supported")
+    w = _qcore_args(group["weights"], f"{name} weights")
+    acts = group.get("input_activations")
+    a = _qcore_args(acts, f"{name} input_activations") if acts else None
+    n, k = linear.out_features, linear.in_features
+    groups = k // w.group_size if w.granularity == "group" else 1
+    spec = QuantLinearSpec(in_features=k, out_features=n, bias=linear.bias is not None,
+                           n_groups=groups, weights=w, activations=a)
+    module = QuantLinear(spec, dtype=dtype)
+    half = 2 ** (w.bits - 1)
+    if fmt == PACKED:
+        packed = tensors.get(f"{name}.weight_packed")
+        expect_tensor(f"{name}.weight_packed", packed, (n, -(-k * w.bits // 32)), (torch.int32,))
+        codes = unpack_int32(packed, w.bits, k, dim=1)
+    elif fmt in (INT, "naive-quantized"):
+        signed = tensors.get(f"{name}.weight")
+        expect_tensor(f"{name}.weight", signed, (n, k), (torch.int8,))
+        codes = (signed.to(torch.int16) + half).to(torch.uint8)
+    else:
+        raise SavedModelError(f"{name}: compressed-tensors format {fmt!r} is not supported "
+                              f"(qcore reads {PACKED} and {INT})")
+    scale = tensors.get(f"{name}.weight_scale")
+    expect_tensor(f"{name}.weight_scale", scale, (n, groups),
+            (torch.float32, torch.float16, torch.bfloat16))
+    if w.symmetric:
+        zeros = torch.full((n, groups), half, dtype=torch.uint8)
+    elif fmt == PACKED:
+        zp = tensors.get(f"{name}.weight_zero_point")
+        expect_tensor(f"{name}.weight_zero_point", zp, (-(-n * w.bits // 32), groups),
+                (torch.int32,))
+        zeros = unpack_int32(zp, w.bits, n, dim=0)
+    else:
+        zp = tensors.get(f"{name}.weight_zero_point")
+        expect_tensor(f"{name}.weight_zero_point", zp, (n, groups), (torch.int8, torch.int32))
+        zeros = (zp.to(torch.int16) + half).to(torch.uint8)
+    module.qweight = pack_codes(codes, w.bits)
+    module.scales = scale.float()
+    module.zeros = zeros
+    module.g_idx = group_index(k, w).to(torch.int32)
+    if a is not None and not a.dynamic:
+        module.input_scale = tensors.get(f"{name}.input_scale").float().reshape(())
+        zero = 2 ** (a.bits - 1)
+        if not a.symmetric:
+            zero += int(tensors.get(f"{name}.input_zero_point").reshape(()))
+        module.input_zero = torch.tensor(float(zero))
+    if linear.bias is not None:
+        module.bias = nn.Parameter(tensors.get(f"{name}.bias").to(dtype), requires_grad=False)
+    return module
+
+
+class CompressedTensorsFormat(Format):
+    name = "compressed-tensors"
+    description = ("llm-compressor's layout that vLLM serves (pack-quantized weight-only, "
+                   "int-quantized W8A8); also reads such checkpoints")
+
+    @classmethod
+    def check_run(cls, scheme: QuantScheme, online_transforms: bool) -> str | None:
+        if online_transforms:
+            return ("the method keeps online input transforms (FlatQuant's), which "
+                    "compressed-tensors cannot hold: save in the qcore format")
+        if scheme.kv_cache is not None:
+            return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
+                    "compressed-tensors stores static KV-cache scales: choose a scheme "
+                    "without KV quantization or the qcore format")
+        act = scheme.activations
+        if act is not None and act.clip_ratio != 1.0:
+            return (f"scheme {scheme.name} clips activations to {act.clip_ratio} of their "
+                    "range; compressed-tensors has no activation clip ratio")
+        if scheme.weights.granularity not in ("channel", "group"):
+            return (f"scheme {scheme.name} has per-{scheme.weights.granularity} weights; "
+                    "the export takes per-channel or grouped weights")
+        return None
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        config = read_config(Path(path))
+        qconfig = (config or {}).get("quantization_config")
+        return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
+
+    def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
+             ) -> SavedModel:
+        qconfig, formats = export_plan(model)
+        modules = dict(model.named_modules())
+        tensors = _float_tensors(model, set(formats))
+        for name, fmt in formats.items():
+            tensors.update(linear_tensors(name, modules[name], fmt))
+        max_shard = metadata.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE
+        with atomic_directory(path) as tmp:
+            files = write_safetensors(tensors, tmp, max_shard)
+            model.config.save_pretrained(tmp)
+            config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            config["quantization_config"] = qconfig
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                             + "\n")
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        summary = {
+            "format": self.name, "compressed_tensors_version": CT_VERSION,
+            "files": files, "tensors": len(tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "layers": {name: {"format": fmt, "weights": modules[name].spec.weights.describe(),
+                              "activations": modules[name].spec.activations.describe()
+                              if modules[name].spec.activations else None}
+                       for name, fmt in formats.items()},
+            "ignore": qconfig["ignore"],
+        }
+        return SavedModel(path=Path(path), metadata={**metadata, "export": summary})
+
+    def load(self, path: Path, modules: dict[str, type[nn.Module]]
+             ) -> tuple[nn.Module, Any, dict]:
+        path = Path(path)
+        config_data = read_config(path) or {}
+        qconfig = config_data["quantization_config"]
+        if qconfig.get("kv_cache_scheme"):
+            raise SavedModelError(f"{path}: a kv_cache_scheme (static KV-cache scales) is not "
+                                  "supported by qcore's reader")
+        if qconfig.get("transform_config"):
+            raise SavedModelError(f"{path}: transform_config (online rotations) is not "
+                                  "supported by qcore's reader")
+        if not qconfig.get("config_groups"):
+            raise SavedModelError(f"{path}: quantization_config has no config_groups")
+        tensors = SafetensorsFolder(path)
+
+        def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
+            found = _scheme_for(name, linear, qconfig)
+            if found is None:
+                return None
+            group, fmt = found
+            return load_linear(name, linear, group, fmt, tensors, dtype)
+
+        model, tokenizer, quantized = assemble(path, tensors, make)
+        meta = {"format": self.name, "quantization_config": qconfig,
+                "quantized_layers": {n: m.spec.model_dump(mode="json")
+                                     for n, m in quantized.items()}}
+        return model, tokenizer, meta
+
+
+@hookimpl
+def qcore_register_formats(register):
+    register(CompressedTensorsFormat)

@@ -1,0 +1,177 @@
+"""The compressed-tensors export, checked by the compressed-tensors package itself and by
+transformers' loader; the import of such checkpoints back into QuantLinear modules."""
+
+import json
+
+import pytest
+import torch
+
+from qcore import api
+from qcore.config import CalibrationConfig, RunConfig
+from qcore.errors import ConfigError, SavedModelError
+from qcore.interfaces import DataSpec
+from qcore.quant.linear import QuantLinear
+
+ct = pytest.importorskip("compressed_tensors", reason="the compressed-tensors test extra")
+
+SCHEMES = [("W4A16", 32, {}), ("W3A16", 32, {}), ("W8A16", None, {}), ("W8A8", None, {}),
+           ("W4A4", None, {})]
+
+
+def _quantize(folder, scheme, group_size=None, method="rtn", options=None, save=None,
+              fmt="qcore"):
+    data = DataSpec(source=str(folder / "calib.txt"))
+    config = RunConfig(model=str(folder / "tiny"), method=method, scheme=scheme,
+                       group_size=group_size, method_config=options or {},
+                       calibration=CalibrationConfig(data=data, samples=2, seq_len=16,
+                                                     batch_size=1),
+                       save=str(save) if save else None, format=fmt)
+    return api.quantize(config, progress=False)
+
+
+def _quant_linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("scheme,group_size,options", SCHEMES)
+def test_export_is_what_compressed_tensors_decompresses(tiny_folder, tmp_path, scheme,
+                                                        group_size, options, one_thread):
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
+        CompressedTensorsDequantizer,
+    )
+    from safetensors.torch import load_file
+
+    result = _quantize(tiny_folder, scheme, group_size, options=options,
+                       save=tmp_path / "q")
+    saved = api.export_model(str(tmp_path / "q"), "compressed-tensors", tmp_path / "ct")
+    summary = saved.metadata["export"]
+    assert summary["ignore"] == ["lm_head"] and len(summary["layers"]) == 14
+
+    # compressed-tensors' own dequantization gives qcore's weights bit for bit
+    # (its converter works on tensor names alone: int-quantized keeps the name "weight",
+    # so the float modules whose weights are not quantized are named as ignored)
+    floats = ["re:.*embed_tokens$", "re:.*norm$", "lm_head"]
+    convert_checkpoint(tmp_path / "ct", tmp_path / "deq",
+                       CompressedTensorsDequantizer(tmp_path / "ct", ignore=floats,
+                                                    dtype=torch.float32),
+                       max_workers=1, device="cpu")
+    dense = load_file(str(tmp_path / "deq" / "model.safetensors"))
+    for name, module in _quant_linears(result.model).items():
+        assert torch.equal(dense[f"{name}.weight"], module.dequantize()), name
+
+    # qcore reads the export back: the same packed tensors, the same outputs
+    model, _, meta = api.load_model(str(tmp_path / "ct"))
+    assert meta["format"] == "compressed-tensors"
+    before, after = _quant_linears(result.model), _quant_linears(model)
+    assert before.keys() == after.keys()
+    for name, m in before.items():
+        for buf in ("qweight", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(m, buf), getattr(after[name], buf)), (name, buf)
+        assert m.spec == after[name].spec
+    ids = torch.arange(2, 34).reshape(2, 16)
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_quantization_config_is_compressed_tensors_own(tiny_folder, tmp_path):
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    _quantize(tiny_folder, "W4A16", 32, save=tmp_path / "ct", fmt="compressed-tensors")
+    mine = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    theirs_dir = tmp_path / "theirs"
+    theirs_dir.mkdir()
+    (theirs_dir / "config.json").write_text("{}")
+    scheme = QuantizationScheme(
+        targets=["Linear"], format="pack-quantized",
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+                                 group_size=32))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                format="pack-quantized", quantization_status="compressed")
+    ModelCompressor(quantization_config=config).update_config(str(theirs_dir))
+    theirs = json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    assert mine == theirs
+
+
+@pytest.mark.parametrize("scheme,group_size", [("W4A16", 32), ("W8A8", None)])
+def test_transformers_loads_the_export_with_qcores_outputs(tiny_folder, tmp_path, scheme,
+                                                           group_size, one_thread):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    result = _quantize(tiny_folder, scheme, group_size, save=tmp_path / "ct",
+                       fmt="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True),
+        dtype=torch.float32)
+    for name, module in _quant_linears(result.model).items():
+        assert torch.equal(hf.get_submodule(name).weight, module.dequantize()), name
+    if scheme == "W4A16":  # weight-only: the dequantized model is the quantized one
+        ids = torch.arange(2, 34).reshape(2, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=ids).logits,
+                                       result.model(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_export_with_an_index(tiny_folder, tmp_path):
+    _quantize(tiny_folder, "W4A16", 32, save=tmp_path / "q")
+    api.export_model(str(tmp_path / "q"), "compressed-tensors", tmp_path / "ct",
+                     max_shard_size="100KB")
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "ct" / s).is_file() for s in shards)
+    model, _, _ = api.load_model(str(tmp_path / "ct"))
+    reference, _, _ = api.load_model(str(tmp_path / "q"))
+    ids = torch.arange(2, 18).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # a missing shard is named
+    (tmp_path / "ct" / shards[-1]).unlink()
+    with pytest.raises(SavedModelError, match=shards[-1]):
+        api.load_model(str(tmp_path / "ct"))
+
+
+def test_what_the_format_cannot_hold_is_refused(tiny_folder, tmp_path):
+    # act-order without static groups: a permuted g_idx (compressed-tensors 0.20 removed it)
+    _quantize(tiny_folder, "W4A16", 32, method="gptq", options={"act_order": True},
+              save=tmp_path / "ao")
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\..*permuted groups"):
+        api.export_model(str(tmp_path / "ao"), "compressed-tensors", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    # refused before any work: online transforms, a dynamic KV cache
+    for method, scheme, fragment in (("flatquant", "W4A4", "online input transforms"),
+                                     ("rtn", "W8A8KV8", "KV cache")):
+        with pytest.raises(ConfigError, match=fragment):
+            _quantize(tiny_folder, scheme, method=method, save=tmp_path / "y",
+                      fmt="compressed-tensors")
+        assert not (tmp_path / "y").exists()
+    # a float model has nothing to export
+    with pytest.raises(ConfigError, match="not a quantized model"):
+        api.export_model(str(tiny_folder / "tiny"), "compressed-tensors", tmp_path / "z")
+
+
+def test_a_refusal_after_quantizing_keeps_the_work(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="saved in the qcore format at") as info:
+        _quantize(tiny_folder, "W4A16", 32, method="gptq", options={"act_order": True},
+                  save=tmp_path / "ct", fmt="compressed-tensors")
+    rescue = tmp_path / "ct-qcore"
+    assert str(rescue) in str(info.value) and (rescue / "qcore.json").is_file()
+    assert not (tmp_path / "ct").exists()
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(tiny_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _quantize(tiny_folder, "W4A16", 32, save=tmp_path / "ct", fmt="compressed-tensors")
+    file = tmp_path / "ct" / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "model.layers.1.mlp.down_proj.weight_scale"
+    tensors[name] = tensors[name][:, :1].contiguous()
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(SavedModelError, match=name):
+        api.load_model(str(tmp_path / "ct"))
