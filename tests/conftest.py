@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -197,3 +198,54 @@ def tiny_grid(folder, **overrides):
 def make_grid(tiny_folder):
     """``make_grid(**fields)``: the tiny grid with some fields replaced."""
     return lambda **overrides: tiny_grid(tiny_folder, **overrides)
+
+
+# ----------------------------------------------------------------------------- NPU
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    nibbles = [((packed >> (4 * j)) & 0xF) for j in range(8)]
+    values = torch.stack(nibbles, dim=-1).reshape(packed.shape[0], -1)
+    return torch.where(values >= 8, values - 16, values)
+
+
+def fake_torch_npu() -> types.ModuleType:
+    """A stand-in torch_npu implementing each operator as Ascend documents it (REFERENCE.md);
+    torch_npu itself cannot be installed here (it breaks `import torch` without CANN)."""
+    npu = types.ModuleType("torch_npu")
+
+    def npu_convert_weight_to_int4pack(w):
+        assert w.dtype == torch.int32 and w.shape[-1] % 8 == 0
+        assert int(w.min()) >= -8 and int(w.max()) <= 7
+        u = (w & 0xF).reshape(w.shape[0], -1, 8)
+        out = torch.zeros(u.shape[:2], dtype=torch.int64)
+        for j in range(8):
+            out |= u[..., j].long() << (4 * j)
+        return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+    def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
+                                     bias=None, antiquant_group_size=0):
+        w = (_unpack_int4(weight) if weight.dtype == torch.int32 else weight).float()
+        scale, offset = antiquant_scale.float(), antiquant_offset
+        if antiquant_group_size:
+            scale = scale.repeat_interleave(antiquant_group_size, dim=0)
+            if offset is not None:
+                offset = offset.repeat_interleave(antiquant_group_size, dim=0)
+        if offset is not None:
+            w = w + offset.float()  # the offset is ADDED
+        y = x.float() @ (w * scale)
+        return (y + bias if bias is not None else y).to(x.dtype)
+
+    def npu_dynamic_quant(x, smooth_scales=None):
+        scale = x.abs().amax(-1).float() / 127
+        return torch.round(x / scale[..., None]).to(torch.int8), scale
+
+    def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
+                         output_dtype=torch.float16):
+        assert x1.dtype == torch.int8 and x2.dtype == torch.int8
+        acc = (x1.to(torch.int64) @ x2.to(torch.int64)).double()
+        out = acc * scale.double() * pertoken_scale.double()[:, None]
+        return out.to(output_dtype)
+
+    for fn in (npu_convert_weight_to_int4pack, npu_weight_quant_batchmatmul,
+               npu_dynamic_quant, npu_quant_matmul):
+        setattr(npu, fn.__name__, fn)
+    return npu

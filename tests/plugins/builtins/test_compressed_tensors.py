@@ -145,7 +145,8 @@ def test_what_the_format_cannot_hold_is_refused(tiny_folder, tmp_path):
     assert not (tmp_path / "x").exists()
     # refused before any work: online transforms, a dynamic KV cache
     for method, scheme, fragment in (("flatquant", "W4A4", "online input transforms"),
-                                     ("rtn", "W8A8KV8", "KV cache")):
+                                     ("smoothquant", "W8A8KV8",
+                                      "compressed-tensors stores static KV-cache scales")):
         with pytest.raises(ConfigError, match=fragment):
             _quantize(tiny_folder, scheme, method=method, save=tmp_path / "y",
                       fmt="compressed-tensors")

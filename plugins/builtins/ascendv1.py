@@ -1,0 +1,347 @@
+"""ascendV1: msModelSlim's layout, which vllm-ascend and MindIE read.
+
+A folder holds ``quant_model_description.json`` (every tensor name mapped to its type,
+plus ``version``, ``model_quant_type`` and ``group_size``), the weights as
+``quant_model_weights-0000i-of-0000n.safetensors`` with
+``quant_model_weights.safetensors.index.json``, and ``config.json`` (without a
+``quantization_config``) and the tokenizer files. Per quantized linear (N outputs, K
+inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
+``(q_s - weight_offset) * weight_scale`` (``weight_offset = zero - 2**(bits-1)``):
+
+* ``W8A16``: ``weight`` int8 (N, K), ``weight_scale``, ``weight_offset`` float32 (N, 1);
+* ``W4A16``: two int4 per int8 byte; per channel (N, K/2), the low nibble the even
+  column; per group (N/2, K), the low nibble row 2i and the high nibble row 2i+1;
+  ``weight_scale``, ``weight_offset`` float32 (N, K/G) (msModelSlim's v0 packing: its v1
+  saver has no int4-weight class);
+* ``W8A8_DYNAMIC``: ``weight`` int8, ``weight_scale`` (N, 1), ``weight_offset`` zeros;
+  activations quantized per token at run time (``npu_dynamic_quant``, symmetric);
+* ``W8A8`` (static): ``weight`` int8, ``input_scale``, ``input_offset`` float32 [1],
+  ``deq_scale`` (N): int64 holding the float32 bit pattern of ``input_scale *
+  weight_scale`` (float32 itself for bf16 models), ``quant_bias`` int32 (N)
+  ``= round(bias / deq_scale - input_offset * sum_k q_s)`` (as msModelSlim's v1 saver:
+  no ``weight_scale``; qcore's reader recovers it as ``deq_scale / input_scale``, within
+  one float32 rounding).
+
+Everything else (embeddings, norms, ``lm_head``, and every bias, in float32) is
+``FLOAT``. Shards are named and indexed as msModelSlim's saver names them (an index even
+for one shard; 4 GB shards by default). Refused, naming the layer: online transforms (FlatQuant's
+``W4A4_FLATQUANT_DYNAMIC`` is not written yet), activations other than the two above,
+weight widths other than 4 and 8, and qcore's dynamic KV cache (``C8`` stores static
+scales).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore.errors import SavedModelError
+from qcore.hookspecs import hookimpl
+from qcore.interfaces import Format, SavedModel
+from qcore.io import atomic_directory
+from qcore.quant.kvcache import kv_specs
+from qcore.quant.linear import QuantLinear, QuantLinearSpec
+from qcore.quant.packing import pack_codes
+from qcore.quant.qparams import group_index
+from qcore.schemes import QuantArgs, QuantScheme
+from qcore_builtins.checkpoints import (
+    SafetensorsFolder,
+    assemble,
+    expect_tensor,
+    write_safetensors,
+)
+
+DESCRIPTION = "quant_model_description.json"
+WEIGHTS_PATTERN = "quant_model_weights{suffix}.safetensors"
+WEIGHTS_INDEX = "quant_model_weights.safetensors.index.json"
+VERSION = "1.0.0"
+FLOAT = "FLOAT"
+#: the model's type is its lowest-bit layer type (msModelSlim's priority, first wins)
+PRIORITY = ("W4A16", "W8A8", "W8A8_DYNAMIC", "W8A16")
+#: msModelSlim's shard size
+DEFAULT_SHARD = "4GB"
+
+
+class NotExpressible(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- types
+def layer_type(name: str, m: QuantLinear) -> str:
+    """The ascendV1 type of a quantized linear, or NotExpressible naming what is missing."""
+    w, a = m.spec.weights, m.spec.activations
+    if m.input_transform is not None:
+        raise NotExpressible(f"{name}: an online input transform (FlatQuant's "
+                             "W4A4_FLATQUANT_DYNAMIC) is not written by qcore's ascendV1 "
+                             "exporter yet: use the qcore format")
+    if w.granularity not in ("channel", "group"):
+        raise NotExpressible(f"{name}: per-{w.granularity} weights; ascendV1 takes "
+                             "per-channel or grouped weights")
+    contiguous = group_index(m.in_features, w).to(m.g_idx.dtype)
+    if not torch.equal(m.g_idx.cpu(), contiguous):
+        raise NotExpressible(f"{name}: act-order g_idx with permuted groups; ascendV1 "
+                             "stores contiguous groups: quantize with static_groups=true")
+    if a is None:
+        if w.bits in (4, 8):
+            return f"W{w.bits}A16"
+        raise NotExpressible(f"{name}: int{w.bits} weight-only; ascendV1 holds W8A16 and "
+                             "W4A16")
+    if w.bits != 8 or not w.symmetric or w.granularity != "channel":
+        raise NotExpressible(f"{name}: {w.describe()} weights with activations; ascendV1's "
+                             "W8A8 types take int8 symmetric per-channel weights")
+    if a.bits == 8 and a.clip_ratio == 1.0:
+        if a.granularity == "token" and a.dynamic and a.symmetric:
+            return "W8A8_DYNAMIC"
+        if a.granularity == "tensor" and not a.dynamic:
+            return "W8A8"
+    raise NotExpressible(f"{name}: activations {a.describe()}"
+                         f"{f' clipped to {a.clip_ratio}' if a.clip_ratio != 1 else ''}; "
+                         "ascendV1 holds int8 per-token dynamic symmetric (W8A8_DYNAMIC) or "
+                         "int8 per-tensor static (W8A8) activations")
+
+
+def pack_int4_pairs(signed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Two signed int4 values per int8 byte along ``dim`` (0: rows 2i/2i+1, 1: columns
+    2j/2j+1), the even index in the low nibble."""
+    u = (signed.to(torch.int16) & 0xF)
+    low, high = (u[0::2], u[1::2]) if dim == 0 else (u[:, 0::2], u[:, 1::2])
+    byte = low | (high << 4)
+    return torch.where(byte >= 128, byte - 256, byte).to(torch.int8)
+
+
+def unpack_int4_pairs(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_pairs`: signed int4 values as int16."""
+    u = packed.to(torch.int16) & 0xFF
+    low, high = u & 0xF, u >> 4
+    pairs = torch.stack((low, high), dim=dim + 1)
+    values = pairs.reshape(-1, packed.shape[1]) if dim == 0 else pairs.reshape(
+        packed.shape[0], -1)
+    return torch.where(values >= 8, values - 16, values)
+
+
+def linear_tensors(name: str, m: QuantLinear, kind: str, bf16: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """The tensors msModelSlim's saver writes for one linear of type ``kind``."""
+    w = m.spec.weights
+    half = 2 ** (w.bits - 1)
+    signed = m.codes().cpu().to(torch.int16) - half                 # (N, K)
+    if kind == "W4A16":
+        out = {f"{name}.weight": pack_int4_pairs(signed, 0 if w.granularity == "group"
+                                                 else 1)}
+    else:
+        out = {f"{name}.weight": signed.to(torch.int8)}
+    if kind == "W8A8":
+        a = m.spec.activations
+        input_scale = m.input_scale.detach().cpu().float().reshape(1)
+        input_offset = m.input_zero.detach().cpu().float().reshape(1) - 2 ** (a.bits - 1)
+        deq = (input_scale * m.scales[:, 0].detach().cpu().float()).contiguous()
+        bias = m.bias.detach().cpu().float() if m.bias is not None else torch.zeros(
+            m.out_features)
+        correction = signed.float().sum(dim=1) * input_offset
+        out.update({
+            f"{name}.quant_bias": torch.round(bias / deq - correction).to(torch.int32),
+            f"{name}.input_scale": input_scale, f"{name}.input_offset": input_offset,
+            f"{name}.deq_scale": deq if bf16 else deq.view(torch.int32).to(torch.int64)})
+    else:
+        out[f"{name}.weight_scale"] = m.scales.detach().float().cpu().contiguous()
+        out[f"{name}.weight_offset"] = (m.zeros.cpu().float() - half).contiguous()
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias.detach().cpu().float().contiguous()
+    return out
+
+
+def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                dict[str, str]]:
+    """(tensors, description types per tensor, type per quantized linear)."""
+    kv = kv_specs(model)
+    if kv:
+        raise NotExpressible(f"{next(iter(kv))}: the KV cache is quantized dynamically per "
+                             "group at run time; ascendV1's C8 stores static KV scales")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not linears:
+        raise NotExpressible("the model has no quantized linear: nothing to export")
+    kinds = {name: layer_type(name, m) for name, m in linears.items()}
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    tensors: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in linears:
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and key in seen:
+            continue  # tied: stored once, as transformers saves it
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+        types[name] = FLOAT
+    for name, m in linears.items():
+        for tname, tensor in linear_tensors(name, m, kinds[name], bf16).items():
+            tensors[tname] = tensor
+            types[tname] = FLOAT if tname.endswith(".bias") else kinds[name]
+    return tensors, types, kinds
+
+
+def _group_size(linears: dict[str, QuantLinear], kinds: dict[str, str]) -> int:
+    sizes = {m.spec.weights.group_size or 0 for n, m in linears.items()
+             if kinds[n] == "W4A16"}
+    if len(sizes) > 1:
+        raise NotExpressible(f"W4A16 layers with group sizes {sorted(sizes)}: ascendV1 "
+                             "records one group_size per model")
+    return sizes.pop() if sizes else 0
+
+
+# ----------------------------------------------------------------------------- reading
+def load_linear(name: str, linear: nn.Linear, kind: str, tensors: SafetensorsFolder,
+                group_size: int, dtype: torch.dtype) -> QuantLinear:
+    n, k = linear.out_features, linear.in_features
+    bits = 4 if kind == "W4A16" else 8
+    half = 2 ** (bits - 1)
+    grouped = 0 < group_size < k and kind in ("W4A16", "W8A16")
+    groups = k // group_size if grouped else 1
+    weight = tensors.get(f"{name}.weight")
+    if kind == "W4A16":
+        shape = (n // 2, k) if grouped else (n, k // 2)
+        expect_tensor(f"{name}.weight", weight, shape, (torch.int8,))
+        signed = unpack_int4_pairs(weight, 0 if grouped else 1)
+    else:
+        expect_tensor(f"{name}.weight", weight, (n, k), (torch.int8,))
+        signed = weight.to(torch.int16)
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    activations = None
+    if kind == "W8A8":
+        input_scale = tensors.get(f"{name}.input_scale").float().reshape(())
+        input_offset = float(tensors.get(f"{name}.input_offset").reshape(()))
+        deq = tensors.get(f"{name}.deq_scale")
+        expect_tensor(f"{name}.deq_scale", deq, (n,), (torch.int64, *floats))
+        deq = deq.to(torch.int32).view(torch.float32) if deq.dtype == torch.int64 \
+            else deq.float()
+        scale = (deq / input_scale).reshape(n, 1)
+        offset = torch.zeros(n, 1)
+        activations = QuantArgs(bits=8, symmetric=input_offset == 0, granularity="tensor")
+    else:
+        scale = tensors.get(f"{name}.weight_scale")
+        expect_tensor(f"{name}.weight_scale", scale, (n, groups), floats)
+        offset = tensors.get(f"{name}.weight_offset")
+        expect_tensor(f"{name}.weight_offset", offset, (n, groups), floats)
+        if kind == "W8A8_DYNAMIC":
+            activations = QuantArgs(bits=8, symmetric=True, granularity="token",
+                                    dynamic=True)
+    weights = QuantArgs(bits=bits, symmetric=bool(torch.all(offset == 0)),
+                        granularity="group" if grouped else "channel",
+                        group_size=group_size if grouped else None)
+    bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
+    if bias is None and kind == "W8A8":  # the bias folded into quant_bias, deq_scale units
+        quant_bias = tensors.get(f"{name}.quant_bias").double()
+        folded = (quant_bias + input_offset * signed.double().sum(dim=1)) * deq.double()
+        bias = folded if bool(torch.any(folded != 0)) else None
+    spec = QuantLinearSpec(in_features=k, out_features=n, bias=bias is not None,
+                           n_groups=groups, weights=weights, activations=activations)
+    module = QuantLinear(spec, dtype=dtype)
+    module.qweight = pack_codes((signed + half).to(torch.uint8), bits)
+    module.scales = scale.float().contiguous()
+    module.zeros = (offset.float() + half).round().to(torch.uint8)
+    module.g_idx = group_index(k, weights).to(torch.int32)
+    if kind == "W8A8":
+        module.input_scale = input_scale
+        module.input_zero = torch.tensor(input_offset + half)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return module
+
+
+class AscendV1Format(Format):
+    name = "ascendv1"
+    description = "msModelSlim's ascendV1 layout for vllm-ascend / MindIE (W8A16, W4A16, " \
+                  "W8A8_DYNAMIC, W8A8)"
+
+    @classmethod
+    def check_run(cls, scheme: QuantScheme, online_transforms: bool) -> str | None:
+        if online_transforms:
+            return ("the method keeps online input transforms (FlatQuant's), which qcore's "
+                    "ascendV1 exporter does not write yet: save in the qcore format")
+        if scheme.kv_cache is not None:
+            return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
+                    "ascendV1's C8 stores static KV scales")
+        return None
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        return (Path(path) / DESCRIPTION).is_file()
+
+    def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
+             ) -> SavedModel:
+        tensors, types, kinds = export_tensors(model)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        model_type = next(t for t in PRIORITY if t in kinds.values())
+        description = {"version": VERSION, "model_quant_type": model_type,
+                       "group_size": _group_size(linears, kinds), **types}
+        max_shard = metadata.get("max_shard_size") or DEFAULT_SHARD
+        with atomic_directory(path) as tmp:
+            files = write_safetensors(tensors, tmp, max_shard, pattern=WEIGHTS_PATTERN,
+                                      index_file=WEIGHTS_INDEX)
+            if len(files) == 1:  # one shard is still numbered and indexed (msModelSlim)
+                single = WEIGHTS_PATTERN.format(suffix="-00001-of-00001")
+                (tmp / files[0]).rename(tmp / single)
+                files = [single]
+                index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                        for t in tensors.values())},
+                         "weight_map": dict.fromkeys(sorted(tensors), single)}
+                (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        summary = {"format": self.name, "model_quant_type": model_type, "files": files,
+                   "tensors": len(tensors),
+                   "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                   "layers": {n: {"format": kinds[n], "weights": m.spec.weights.describe(),
+                                  "activations": m.spec.activations.describe()
+                                  if m.spec.activations else None}
+                              for n, m in linears.items()},
+                   "ignore": sorted(n for n, mod in model.named_modules()
+                                    if isinstance(mod, nn.Linear))}
+        return SavedModel(path=Path(path), metadata={**metadata, "export": summary})
+
+    def load(self, path: Path, modules: dict[str, type[nn.Module]]
+             ) -> tuple[nn.Module, Any, dict]:
+        path = Path(path)
+        try:
+            description = json.loads((path / DESCRIPTION).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SavedModelError(f"{path / DESCRIPTION}: unreadable ({exc})") from exc
+        group_size = int(description.get("group_size", 0) or 0)
+        attention = description.get("kv_quant_type") or description.get("fa_quant_type")
+        if attention:
+            raise SavedModelError(f"{path}: KV-cache / attention quantization ({attention}) "
+                                  "is not read by qcore")
+        tensors = SafetensorsFolder(path, single="quant_model_weights.safetensors",
+                                    index_file=WEIGHTS_INDEX)
+        readable = {"W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8"}
+
+        def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
+            kind = description.get(f"{name}.weight", FLOAT)
+            if kind == FLOAT:
+                return None
+            if kind not in readable:
+                raise SavedModelError(f"{name}: ascendV1 type {kind} is not read by qcore "
+                                      f"({', '.join(sorted(readable))})")
+            return load_linear(name, linear, kind, tensors, group_size, dtype)
+
+        model, tokenizer, quantized = assemble(path, tensors, make)
+        meta = {"format": self.name, "description": {k: v for k, v in description.items()
+                                                     if k in ("version", "model_quant_type",
+                                                              "group_size")},
+                "quantized_layers": {n: m.spec.model_dump(mode="json")
+                                     for n, m in quantized.items()}}
+        return model, tokenizer, meta
+
+
+@hookimpl
+def qcore_register_formats(register):
+    register(AscendV1Format)
