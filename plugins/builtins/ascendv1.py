@@ -1,8 +1,8 @@
 """ascendV1: msModelSlim's layout, which vllm-ascend and MindIE read.
 
 A folder holds ``quant_model_description.json`` (every tensor name mapped to its type,
-plus ``version``, ``model_quant_type`` and ``group_size``), the weights as
-``quant_model_weights-0000i-of-0000n.safetensors`` with
+plus ``version``, ``model_quant_type``, ``group_size`` and empty ``metadata`` and
+``optional``), the weights as ``quant_model_weights-0000i-of-0000n.safetensors`` with
 ``quant_model_weights.safetensors.index.json``, and ``config.json`` (without a
 ``quantization_config``) and the tokenizer files. Per quantized linear (N outputs, K
 inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
@@ -22,12 +22,12 @@ inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
   no ``weight_scale``; qcore's reader recovers it as ``deq_scale / input_scale``, within
   one float32 rounding).
 
-Everything else (embeddings, norms, ``lm_head``, and every bias, in float32) is
-``FLOAT``. Shards are named and indexed as msModelSlim's saver names them (an index even
-for one shard; 4 GB shards by default). Refused, naming the layer: online transforms (FlatQuant's
-``W4A4_FLATQUANT_DYNAMIC`` is not written yet), activations other than the two above,
-weight widths other than 4 and 8, and qcore's dynamic KV cache (``C8`` stores static
-scales).
+Everything else (embeddings, norms, ``lm_head`` even when tied to the embeddings, and
+every bias, in float32) is ``FLOAT``. Shards are named and indexed as msModelSlim's
+saver names them (an index even for one shard; 4 GB shards by default). Refused, naming
+the layer: online transforms (FlatQuant's ``W4A4_FLATQUANT_DYNAMIC`` is not written yet),
+activations other than the two above, weight widths other than 4 and 8, and qcore's
+dynamic KV cache (``C8`` stores static scales).
 """
 
 from __future__ import annotations
@@ -168,15 +168,11 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
-    seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         if name.rsplit(".", 1)[0] in linears:
             continue
-        key = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and key in seen:
-            continue  # tied: stored once, as transformers saves it
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
+        # a tied lm_head is written too (msModelSlim does), as its own copy
+        tensors[name] = tensor.detach().cpu().clone().contiguous()
         types[name] = FLOAT
     for name, m in linears.items():
         for tname, tensor in linear_tensors(name, m, kinds[name], bf16).items():
@@ -277,8 +273,9 @@ class AscendV1Format(Format):
         tensors, types, kinds = export_tensors(model)
         linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         model_type = next(t for t in PRIORITY if t in kinds.values())
-        description = {"version": VERSION, "model_quant_type": model_type,
-                       "group_size": _group_size(linears, kinds), **types}
+        description = {**types, "version": VERSION, "model_quant_type": model_type,
+                       "metadata": {}, "group_size": _group_size(linears, kinds),
+                       "optional": {}}
         max_shard = metadata.get("max_shard_size") or DEFAULT_SHARD
         with atomic_directory(path) as tmp:
             files = write_safetensors(tensors, tmp, max_shard, pattern=WEIGHTS_PATTERN,

@@ -189,3 +189,31 @@ def test_progress_is_one_line_per_layer_when_redirected(tiny_folder, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "[1/2] model.layers.0: relative MSE" in err and "[2/2] model.layers.1" in err
+
+
+def test_export_command_writes_a_serving_format(tiny_folder, capsys):
+    from conftest import rtn_args
+
+    saved = tiny_folder / "q"
+    assert main(rtn_args(tiny_folder, "--save", str(saved))) == 0
+    capsys.readouterr()
+    out = tiny_folder / "ct"
+    assert main(["export", "--model", str(saved), "--format", "compressed-tensors",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(out) and summary["files"] == ["model.safetensors"]
+    assert summary["ignore"] == ["lm_head"] and len(summary["layers"]) == 14
+    assert {v["format"] for v in summary["layers"].values()} == {"pack-quantized"}
+    # an existing output is refused without --overwrite, replaced with it
+    assert main(["export", "--model", str(saved), "--format", "compressed-tensors",
+                 "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--model", str(saved), "--format", "ascendv1", "--out", str(out),
+                 "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert "14 linears W4A16: int4 asym g32" in text and (out /
+                                                         "quant_model_description.json").exists()
+    # the export evaluates like the saved model
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_folder / "calib.txt"),
+                 "--seq-len", "16", "--windows", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized"] is True

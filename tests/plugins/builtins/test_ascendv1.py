@@ -71,7 +71,8 @@ def test_export_dequantizes_to_qcores_weights(tiny_folder, tmp_path, monkeypatch
     tensors, description = _read(tmp_path / "asc")
     assert description["version"] == "1.0.0" and description["model_quant_type"] == kind
     assert description["group_size"] == (group_size or 0)
-    assert set(description) - {"version", "model_quant_type", "group_size"} == set(tensors)
+    keys = {"version", "model_quant_type", "group_size", "metadata", "optional"}
+    assert set(description) - keys == set(tensors)
     assert description["model.embed_tokens.weight"] == "FLOAT"
     assert description["lm_head.weight"] == "FLOAT"
 
