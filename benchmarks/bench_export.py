@@ -3,8 +3,9 @@
     python benchmarks/bench_export.py                # 32 x 512 calibration windows
     python benchmarks/bench_export.py --samples 8 --skip-peer
 
-1. qcore -> compressed-tensors: GPTQ W4A16 g64 (act-order, static groups) and SmoothQuant
-   W8A8 (default options) quantized by qcore, exported with `qcore export`. Checked by
+1. qcore -> compressed-tensors and ascendv1: GPTQ W4A16 g64 (act-order, static groups) and
+   SmoothQuant W8A8 (default options) quantized by qcore, exported with `qcore export`
+   to both formats (ascendv1 read back by qcore's reader). compressed-tensors is checked by
    compressed-tensors' own dequantizer (tensors differing from qcore's dequantized weights:
    must be 0) and by transformers' loader (`CompressedTensorsConfig(dequantize=True)`, and
    for W8A8 also the compressed load, which quantizes activations): its perplexity over
@@ -148,6 +149,15 @@ def qcore_to_ct(a: argparse.Namespace, folder: Path, calib: Path, eval_ids: Path
         api.export_model(str(saved), "compressed-tensors", ct_dir)
         export_s = time.perf_counter() - t0
         mismatches = _ct_mismatches(model, ct_dir, work / f"deq-{method}")
+        asc_dir = work / f"ascend-{method}"
+        api.export_model(str(saved), "ascendv1", asc_dir)
+        back, _, _ = api.load_model(str(asc_dir))
+        asc_ppl = window_perplexity(back, ids, batch_size=1)
+        rows.append({"direction": "qcore -> ascendv1", "case": label,
+                     "reader": "qcore's ascendv1 reader", "qcore ppl": q_ppl,
+                     "other ppl": asc_ppl, "ratio": asc_ppl / q_ppl, "CT mismatches": "-",
+                     "seconds": 0.0, "quant s": seconds})
+        del back
         loads = {"dequantize=True": CompressedTensorsConfig(dequantize=True)}
         if scheme == "W8A8":
             loads["compressed"] = None

@@ -25,7 +25,8 @@ inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
 Everything else (embeddings, norms, ``lm_head`` even when tied to the embeddings, and
 every bias, in float32) is ``FLOAT``. Shards are named and indexed as msModelSlim's
 saver names them (an index even for one shard; 4 GB shards by default). Refused, naming
-the layer: online transforms (FlatQuant's ``W4A4_FLATQUANT_DYNAMIC`` is not written yet),
+the layer: online transforms (:data:`FLATQUANT_GAP`: ascendV1's FlatQuant type clips and
+quantizes activations differently from qcore's FlatQuant),
 activations other than the two above, weight widths other than 4 and 8, and qcore's
 dynamic KV cache (``C8`` stores static scales).
 """
@@ -70,14 +71,21 @@ class NotExpressible(ValueError):
     pass
 
 
+#: why qcore's FlatQuant models are not written as W4A4_FLATQUANT_DYNAMIC (msModelSlim's
+#: FlatQuantOnlineWrapper + W4A4DynamicPerChannelFakeQuantLinear, read from its source)
+FLATQUANT_GAP = ("online FlatQuant transforms: ascendV1's W4A4_FLATQUANT_DYNAMIC quantizes "
+                 "activations per token symmetrically and clips them with one ratio per "
+                 "linear (sigmoid(clip_ratio) on both min and max), while qcore's FlatQuant "
+                 "learns separate min/max clip ratios over asymmetric activations; writing "
+                 "it would change the numbers, so it is refused: save in the qcore format")
+
+
 # ----------------------------------------------------------------------------- types
 def layer_type(name: str, m: QuantLinear) -> str:
     """The ascendV1 type of a quantized linear, or NotExpressible naming what is missing."""
     w, a = m.spec.weights, m.spec.activations
     if m.input_transform is not None:
-        raise NotExpressible(f"{name}: an online input transform (FlatQuant's "
-                             "W4A4_FLATQUANT_DYNAMIC) is not written by qcore's ascendV1 "
-                             "exporter yet: use the qcore format")
+        raise NotExpressible(f"{name}: {FLATQUANT_GAP}")
     if w.granularity not in ("channel", "group"):
         raise NotExpressible(f"{name}: per-{w.granularity} weights; ascendV1 takes "
                              "per-channel or grouped weights")
@@ -257,8 +265,7 @@ class AscendV1Format(Format):
     @classmethod
     def check_run(cls, scheme: QuantScheme, online_transforms: bool) -> str | None:
         if online_transforms:
-            return ("the method keeps online input transforms (FlatQuant's), which qcore's "
-                    "ascendV1 exporter does not write yet: save in the qcore format")
+            return FLATQUANT_GAP
         if scheme.kv_cache is not None:
             return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
                     "ascendV1's C8 stores static KV scales")

@@ -140,7 +140,8 @@ def test_static_w8a8_reads_back_within_a_float32_rounding(tiny_folder, tmp_path)
 
 
 def test_what_ascendv1_cannot_hold_is_refused(tiny_folder, tmp_path):
-    for method, scheme, fragment in (("flatquant", "W4A4", "online input transforms"),
+    symmetric = "W4A4_FLATQUANT_DYNAMIC quantizes activations per token symmetrically"
+    for method, scheme, fragment in (("flatquant", "W4A4", symmetric),
                                      ("smoothquant", "W8A8KV8", "C8 stores static KV scales")):
         with pytest.raises(ConfigError, match=fragment):
             _quantize(tiny_folder, method, scheme, save=tmp_path / "x", fmt="ascendv1")
