@@ -37,6 +37,24 @@ def load_fp32(folder: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def llmc_oneshot(model, tokenizer, calib, recipe) -> float:
+    """llm-compressor's ``oneshot`` over the calibration token windows ``calib`` (in
+    order, all of them); its seconds. Peer side: llm-compressor's venv only."""
+    import time
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    ds = Dataset.from_dict({"input_ids": calib.tolist(),
+                            "attention_mask": torch.ones_like(calib).tolist()})
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
+            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False)
+    return time.perf_counter() - t0
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, MB (VmHWM; getrusage without /proc)."""
     import resource

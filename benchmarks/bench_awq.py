@@ -26,10 +26,10 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import (
+    llmc_oneshot,
     load_fp32,
     quantize_with_qcore,
     run_measured,
@@ -66,8 +66,6 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     # host-to-device copies, so on a CPU-only machine it becomes the identity
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoTokenizer
@@ -80,13 +78,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
         group_size=a.group_size))
     recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme},
                                                   ignore=["lm_head"])]
-    ds = Dataset.from_dict({"input_ids": calib.tolist(),
-                            "attention_mask": torch.ones_like(calib).tolist()})
-    t0 = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t0
+    seconds = llmc_oneshot(model, tokenizer, calib, recipe)
     return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "detail": ""}
 
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_fp32, run_measured, window_perplexity, write_wiki_windows
+from _common import llmc_oneshot, load_fp32, run_measured, window_perplexity, write_wiki_windows
 
 HERE = Path(__file__).resolve()
 PEER_PYTHON = Path("/work/llmc-venv/bin/python")
@@ -39,8 +39,6 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     """llm-compressor quantizes, measures its own perplexity, saves compressed."""
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoTokenizer
 
@@ -64,13 +62,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
                                                    strategy="token", dynamic=True))
             recipe = QuantizationModifier(config_groups={"group_0": scheme},
                                           ignore=["lm_head"])
-        ds = Dataset.from_dict({"input_ids": calib.tolist(),
-                                "attention_mask": torch.ones_like(calib).tolist()})
-        t0 = time.perf_counter()
-        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
-                num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-                shuffle_calibration_samples=False)
-        seconds = time.perf_counter() - t0
+        seconds = llmc_oneshot(model, tokenizer, calib, recipe)
         ppl = window_perplexity(model, eval_ids, batch_size=1)
         folder = Path(a.out) / case
         model.save_pretrained(folder, save_compressed=True)

@@ -21,10 +21,10 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import (
+    llmc_oneshot,
     load_fp32,
     peak_rss_mb,
     quantize_with_qcore,
@@ -63,8 +63,6 @@ def worker_llmc(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     calib = torch.load(a.calib)
@@ -80,13 +78,7 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                           block_size=128, dampening_frac=0.01,
                           actorder="static" if a.act_order else None)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(),
-                            "attention_mask": torch.ones_like(calib).tolist()})
-    t0 = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - t0
+    seconds = llmc_oneshot(model, tokenizer, calib, recipe)
     quant_rss = peak_rss_mb()
     ppl = window_perplexity(model, eval_ids, batch_size=1)
     return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": ""}

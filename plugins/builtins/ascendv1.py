@@ -53,6 +53,7 @@ from qcore_builtins.checkpoints import (
     SafetensorsFolder,
     assemble,
     expect_tensor,
+    layer_specs,
     write_safetensors,
 )
 
@@ -341,8 +342,7 @@ class AscendV1Format(Format):
         meta = {"format": self.name, "description": {k: v for k, v in description.items()
                                                      if k in ("version", "model_quant_type",
                                                               "group_size")},
-                "quantized_layers": {n: m.spec.model_dump(mode="json")
-                                     for n, m in quantized.items()}}
+                "quantized_layers": layer_specs(quantized)}
         return model, tokenizer, meta
 
 

@@ -146,9 +146,17 @@ def assemble(path: Path, tensors: SafetensorsFolder, make_linear: MakeLinear
     if still_meta:
         raise SavedModelError(f"{path}: tensors missing: {still_meta[:5]}")
     model.eval()
-    tokenizer = None
+    return model, folder_tokenizer(path), quantized
+
+
+def folder_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in a model folder, or None when it has none."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        pass
-    return model, tokenizer, quantized
+        return None
+
+
+def layer_specs(quantized: dict[str, QuantLinear]) -> dict[str, dict[str, Any]]:
+    """What a loaded checkpoint's metadata records of its quantized linears."""
+    return {name: m.spec.model_dump(mode="json") for name, m in quantized.items()}

@@ -52,6 +52,7 @@ from qcore_builtins.checkpoints import (
     SafetensorsFolder,
     assemble,
     expect_tensor,
+    layer_specs,
     read_config,
     write_safetensors,
 )
@@ -357,8 +358,7 @@ class CompressedTensorsFormat(Format):
 
         model, tokenizer, quantized = assemble(path, tensors, make)
         meta = {"format": self.name, "quantization_config": qconfig,
-                "quantized_layers": {n: m.spec.model_dump(mode="json")
-                                     for n, m in quantized.items()}}
+                "quantized_layers": layer_specs(quantized)}
         return model, tokenizer, meta
 
 

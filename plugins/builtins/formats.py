@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.config import validation_summary
 from qcore.errors import SavedModelError
@@ -40,6 +40,7 @@ from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory, dumps_json
 from qcore.quant.kvcache import kv_specs, restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
+from qcore_builtins.checkpoints import folder_tokenizer
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -245,12 +246,7 @@ class QcoreFormat(Format):
             raise SavedModelError(f"{path}: tensors missing from {WEIGHTS_FILE}: "
                                   f"{still_meta[:5]}")
         model.eval()
-        tokenizer = None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            pass
-        return model, tokenizer, meta
+        return model, folder_tokenizer(path), meta
 
 
 @hookimpl

@@ -34,7 +34,13 @@ from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, unpack_int32
 from qcore.quant.qparams import group_index
 from qcore.schemes import QuantArgs, QuantScheme
-from qcore_builtins.checkpoints import SafetensorsFolder, assemble, expect_tensor, read_config
+from qcore_builtins.checkpoints import (
+    SafetensorsFolder,
+    assemble,
+    expect_tensor,
+    layer_specs,
+    read_config,
+)
 
 #: AutoAWQ GEMM: word slot i of a pack of eight holds output column AWQ_ORDER[i]
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -103,8 +109,7 @@ class _CheckpointReader(Format):
 
         model, tokenizer, quantized = assemble(path, tensors, make)
         meta = {"format": self.name, "quantization_config": qconfig,
-                "quantized_layers": {n: m.spec.model_dump(mode="json")
-                                     for n, m in quantized.items()}}
+                "quantized_layers": layer_specs(quantized)}
         return model, tokenizer, meta
 
     @staticmethod
