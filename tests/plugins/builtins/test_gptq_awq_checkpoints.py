@@ -174,3 +174,15 @@ def test_checkpoint_formats_are_read_only(tiny_folder, tmp_path):
                        save=str(tmp_path / "out"), format="awq")
     with pytest.raises(ConfigError, match="reads awq checkpoints but does not write them"):
         api.quantize(config, progress=False)
+
+
+def test_an_unknown_quant_method_is_refused_by_name(tiny_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_folder / "tiny", tmp_path / "bnb")
+    config = json.loads((tmp_path / "bnb" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "bnb" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SavedModelError, match="quant_method 'bitsandbytes' is not read by "
+                                              "any installed format.*compressed-tensors"):
+        api.load_model(str(tmp_path / "bnb"))
