@@ -85,6 +85,12 @@ class Quantizer(ABC):
         plugin manager and validate their options; raise ValueError naming what is wrong.
         Called by :func:`qcore.api.build_quantizer` before any work."""
 
+    def uses_calibration(self) -> bool:
+        """False when the quantized model depends on no activation (e.g. round-to-nearest
+        weights with dynamic or no activation quantization): the run then forwards only
+        the calibration windows each layer's error is measured on."""
+        return True
+
     def online_transforms(self) -> bool:
         """Whether the quantized model computes transforms at run time (QuantLinear
         ``input_transform``, e.g. FlatQuant's): a save format that cannot store them

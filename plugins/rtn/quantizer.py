@@ -54,6 +54,10 @@ class RTNQuantizer(Quantizer):
                 "that does, e.g. smoothquant or flatquant"
             )
 
+    def uses_calibration(self) -> bool:
+        act = self.scheme.activations  # only static activation scales read the windows
+        return act is not None and not act.dynamic
+
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
         names = [n for n in ctx.adapter.linear_names() if n not in self.config.skip]
         return quantize_linears(ctx, names)
