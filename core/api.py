@@ -8,7 +8,6 @@ before any work: non-finite source weights, group sizes and layer names in optio
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from qcore.models.loading import (
     check_model_source,
     load_float_model,
     load_tokenizer,
+    quantization_config,
     resolve_model_source,
 )
 from qcore.pipeline import check_group_size, run_layerwise
@@ -194,8 +194,9 @@ def load_model(source: str, plugins: PluginManager | None = None,
             problem = cls.diagnose(path)
             if problem:
                 raise SavedModelError(problem)
-        method = _declared_quant_method(path)
-        if method is not None:
+        declared = quantization_config(path)
+        if declared is not None:
+            method = declared.get("quant_method", "unknown")
             raise SavedModelError(
                 f"{path}: quantization_config.quant_method {method!r} is not read by any "
                 f"installed format (formats: {', '.join(sorted(plugins.registry('format')))})")
@@ -207,19 +208,6 @@ def load_model(source: str, plugins: PluginManager | None = None,
     model, tokenizer = load_float_model(str(path) if path.exists() else source, dtype)
     model.eval()
     return model, tokenizer, None
-
-
-def _declared_quant_method(path: Path) -> str | None:
-    """The ``quant_method`` a folder's config.json declares, if any (a checkpoint of some
-    quantization tool: never loaded as a float model)."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(qconfig, dict):
-        return str(qconfig.get("quant_method", "unknown"))
-    return None
 
 
 def save_model(model: nn.Module, tokenizer: Any, path: str | Path, metadata: dict[str, Any],

@@ -7,6 +7,7 @@ import copy
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,22 @@ def _print_json(data: Any) -> None:
     print(dumps_json(data, indent=2))
 
 
+def _print_uncut(title: str, header: Sequence[str], cells: list[list[str]],
+                 left: Sequence[str] | None = None) -> None:
+    """A rich table whose cells are never cut or wrapped: on a narrow terminal its lines
+    run longer instead. Columns named in ``left`` (all when None) align left, the others
+    right."""
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(header)]
+    table = Table(title=title)
+    for col, width in zip(header, widths, strict=True):
+        table.add_column(col, no_wrap=True, min_width=width,
+                         justify="left" if left is None or col in left else "right")
+    for row in cells:
+        table.add_row(*row)
+    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
+    wide.print(table, crop=False)
+
+
 # ----------------------------------------------------------------------------- list-plugins
 def cmd_list_plugins(args: argparse.Namespace) -> int:
     listing = get_plugin_manager().listing()
@@ -45,15 +62,7 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
     rows = sorted(listing["registrations"], key=lambda r: (r["kind"], r["name"]))
     columns = ("kind", "name", "plugin", "version", "module", "distribution")
     cells = [[r[c] or "-" for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
-    table = Table(title="qcore plugins")
-    for col, width in zip(columns, widths, strict=True):
-        table.add_column(col, no_wrap=True, min_width=width)
-    for row in cells:
-        table.add_row(*row)
-    # never cut a name: on a narrow terminal the lines run longer instead
-    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
-    wide.print(table, crop=False)
+    _print_uncut("qcore plugins", columns, cells)
     for fail in listing["failures"]:
         out.print(f"plugin {fail['name']} ({fail['distribution'] or 'no distribution'}) "
                   f"left out at {fail['stage']}: {fail['error']}", style="red", markup=False,
@@ -275,18 +284,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                               for r in result.rows]})
         return 0
     header, body = summary(result.rows, result.columns)
-    cells = [[fmt(v) for v in row] for row in body]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(header)]
-    table = Table(title=grid.title)
-    for col, width in zip(header, widths, strict=True):
-        table.add_column(col, no_wrap=True, min_width=width,
-                         justify="left" if col in ("model", "method", "scheme", "backend",
-                                                   "status") else "right")
-    for row in cells:
-        table.add_row(*row)
-    # never cut a number: on a narrow terminal the lines run longer instead
-    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
-    wide.print(table, crop=False)
+    _print_uncut(grid.title, header, [[fmt(v) for v in row] for row in body],
+                 left=("model", "method", "scheme", "backend", "status"))
     for r in result.rows:
         for stage, error in r["errors"].items():
             out.print(f"{r['model']} / {r['method']} / {r['scheme']}: {stage} failed: {error}",

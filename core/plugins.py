@@ -334,6 +334,15 @@ class PluginManager:
         return self.pm.hook
 
     # ------------------------------------------------------------------ listing
+    def version_of(self, kind: str, name: str) -> str | None:
+        """The version of the distribution that registered ``name`` as a ``kind``."""
+        self.registry(kind)
+        for reg in self.registrations:
+            if reg.kind == kind and reg.name == name:
+                info = self.plugins.get(reg.plugin)
+                return info.version if info else None
+        return None
+
     def listing(self) -> dict[str, Any]:
         """Everything ``qcore list-plugins`` shows, as plain data."""
         for kind in KINDS:

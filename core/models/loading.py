@@ -62,6 +62,17 @@ def check_model_folder(path: Path) -> None:
         raise ConfigError(f"{config}: no model_type field; is this a transformers model?")
 
 
+def quantization_config(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` a model folder's config.json declares (how a
+    quantization tool stored its tensors), or None for a plain folder."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return qconfig if isinstance(qconfig, dict) else None
+
+
 def check_model_source(source: str) -> Path | None:
     """Validate ``--model`` before anything loads: an existing folder or .gguf file (its
     path returned), or a Hugging Face hub id (None). A path that does not exist is not

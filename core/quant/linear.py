@@ -221,6 +221,12 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.qweight, self.spec.weights.bits, self.in_features)
 
+    def contiguous_groups(self) -> bool:
+        """Whether input column k belongs to group k // group_size (no act-order
+        permutation): what formats without a ``g_idx`` can store."""
+        expected = group_index(self.in_features, self.spec.weights).to(self.g_idx.dtype)
+        return torch.equal(self.g_idx.cpu(), expected)
+
     def dequantize(self) -> torch.Tensor:
         """The exact float32 weight this layer represents."""
         return dequantize_weight(self.codes(), self.scales, self.zeros.float(), self.g_idx)

@@ -48,14 +48,6 @@ class CellPlan(BaseModel):
         return [(e, self.eval_keys[e.label]) for e in self.cell.evaluators]
 
 
-def _plugin_version(plugins: PluginManager, kind: str, name: str) -> str | None:
-    for reg in plugins.registrations:
-        if reg.kind == kind and reg.name == name:
-            info = plugins.plugins.get(reg.plugin)
-            return info.version if info else None
-    return None
-
-
 def plan_cell(cell: Cell, keep_model: bool, plugins: PluginManager) -> CellPlan:
     """Keys: the cell's full configuration (the model's files, the method and its options,
     the resolved scheme, calibration, backend), the package versions and the versions of
@@ -64,14 +56,13 @@ def plan_cell(cell: Cell, keep_model: bool, plugins: PluginManager) -> CellPlan:
     if cell.run is not None:
         run = cell.run.model_dump(mode="json", exclude={"save", "overwrite", "format"})
         run["scheme"] = cell.run.resolved_scheme().model_dump(mode="json")
-        method = _plugin_version(plugins, "quantizer", cell.run.method)
+        method = plugins.version_of("quantizer", cell.run.method)
     else:
         run, method = {"baseline": True}, None
     key = digest({"model": describe_source(cell.model.path), "run": run,
                   "backend": cell.backend, "versions": versions, "method_version": method})
     eval_keys = {e.label: digest({"cell": key, "evaluator": e.evaluator, "options": e.options,
-                                  "version": _plugin_version(plugins, "evaluator",
-                                                             e.evaluator)})
+                                  "version": plugins.version_of("evaluator", e.evaluator)})
                  for e in cell.evaluators}
     return CellPlan(cell=cell, key=key, eval_keys=eval_keys, keep_model=keep_model)
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qcore.study.grid import BASELINE
+from qcore.study.table import first_metric
 
 
 class Finding(BaseModel):
@@ -28,17 +29,7 @@ class Finding(BaseModel):
 
 
 def _ppl(row: dict[str, Any]) -> float | None:
-    for metrics in row["evals"].values():
-        if metrics.get("perplexity") is not None:
-            return metrics["perplexity"]
-    return None
-
-
-def _metric(row: dict[str, Any], name: str) -> float | None:
-    for metrics in row["evals"].values():
-        if metrics.get(name) is not None:
-            return metrics[name]
-    return None
+    return first_metric(row, "perplexity")
 
 
 def _baselines(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -58,7 +49,7 @@ def layer_spread(row: dict[str, Any]) -> tuple[float, int, float] | None:
     """(worst layer's error over the median layer's, worst layer index, worst error):
     from the layer-error evaluator when it ran, else from the pipeline's per-layer
     relative MSE."""
-    ratio, layer, worst = (_metric(row, k) for k in ("worst_over_median", "worst_layer",
+    ratio, layer, worst = (first_metric(row, k) for k in ("worst_over_median", "worst_layer",
                                                      "max_alone"))
     if ratio is not None and layer is not None and worst is not None:
         return ratio, int(layer), worst
@@ -95,7 +86,7 @@ def weight_only(rows: list[dict[str, Any]]) -> Finding:
                 f"float perplexity ({_ppl(best):.2f} vs {_ppl(fp):.2f})")
         if len(mine) > 1:
             text += f", the worst ({worst['method']}) {g_worst:.1f}%"
-        acc, ref = _metric(best, "pass@1"), _metric(fp, "pass@1")
+        acc, ref = first_metric(best, "pass@1"), first_metric(fp, "pass@1")
         if acc is not None and ref is not None:
             text += f"; pass@1 {acc:.3f} vs {ref:.3f}"
         w3 = [(r, _gap(r, base)) for r in _scheme_rows(rows, "W3A16") if r["model"] == model]
@@ -137,7 +128,7 @@ def weight_activation(rows: list[dict[str, Any]]) -> Finding:
             text += (f", worst-layer error {spread[0]:.1f}x the median (layer {spread[1]}, "
                      f"relative MSE {spread[2]:.2e})")
         for metric in ("repetition_rate", "truncated_rate"):
-            value = _metric(r, metric)
+            value = first_metric(r, metric)
             if value is not None:
                 text += f", {metric.replace('_', ' ')} {value:.2f}"
         f.numbers[f"{r['model']}/{r['method']}"] = {"ppl_ratio": ratio,
@@ -177,7 +168,7 @@ def eight_bit(rows: list[dict[str, Any]]) -> Finding:
 def int8_kernel(rows: list[dict[str, Any]]) -> Finding:
     f = Finding(id="int8-kernel", title="INT8 deployment: dynamic quantization overhead")
     cells = [r for r in _scheme_rows(rows, "W8A8")
-             if (_metric(r, "int_kernel_calls") or 0) > 0]
+             if (first_metric(r, "int_kernel_calls") or 0) > 0]
     if not cells:
         f.missing = ("needs a finished W8A8 cell evaluated with kernel-time on a backend "
                      "with a real int8 kernel")
@@ -185,14 +176,14 @@ def int8_kernel(rows: list[dict[str, Any]]) -> Finding:
     base = _baselines(rows)
     parts = []
     for r in cells:
-        share = _metric(r, "activation_quant_share_of_int_linear")
-        whole = _metric(r, "activation_quant_share")
-        fwd = _metric(r, "forward_seconds")
+        share = first_metric(r, "activation_quant_share_of_int_linear")
+        whole = first_metric(r, "activation_quant_share")
+        fwd = first_metric(r, "forward_seconds")
         text = (f"{r['model']} {r['method']} on {r['backend']}: {100 * share:.0f}% of the int8 "
                 f"linears' time is dynamic activation quantization ({100 * whole:.0f}% of the "
                 "forward)")
         fp = base.get((r["model"], r["backend"]))
-        fp_fwd = _metric(fp, "forward_seconds") if fp else None
+        fp_fwd = first_metric(fp, "forward_seconds") if fp else None
         if fwd and fp_fwd:
             text += f"; the W8A8 forward takes {fwd / fp_fwd:.2f}x the float one's time"
         f.numbers[f"{r['model']}/{r['method']}/{r['backend']}"] = {

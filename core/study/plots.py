@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qcore.study.grid import BASELINE
+from qcore.study.table import first_metric
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,6 @@ def _save(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)  # a half-written PNG never takes the name
-
-
-def _first_perplexity(row: dict[str, Any]) -> float | None:
-    for metrics in row["evals"].values():
-        if metrics.get("perplexity") is not None:
-            return metrics["perplexity"]
-    return None
 
 
 def write_plots(rows: list[dict[str, Any]], root: Path) -> tuple[list[str], str | None]:
@@ -63,7 +57,7 @@ def _metric_vs_bits(plt: Any, rows: list[dict[str, Any]], path: Path, model: str
     points: dict[str, list[tuple[float, float]]] = {}
     baseline = None
     for r in rows:
-        ppl = _first_perplexity(r)
+        ppl = first_metric(r, "perplexity")
         if ppl is None:
             continue
         if r["method"] == BASELINE:

@@ -51,6 +51,14 @@ def metric_columns(plans: list[CellPlan], plugins: PluginManager) -> list[tuple[
     return [(m if names.count(m) == 1 else f"{label}:{m}", label, m) for label, m in wanted]
 
 
+def first_metric(row: dict[str, Any], name: str) -> float | None:
+    """A row's metric ``name`` from the first evaluator (in grid order) that measured it."""
+    for metrics in row["evals"].values():
+        if metrics.get(name) is not None:
+            return metrics[name]
+    return None
+
+
 def build_rows(plans: list[CellPlan], root: Path) -> list[dict[str, Any]]:
     """Every cell's row: identity, status (``ok``, ``failed``, ``incomplete``), errors,
     the quantization record and each evaluator's metrics (``evals[label]``)."""

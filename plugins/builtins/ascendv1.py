@@ -50,6 +50,7 @@ from qcore.quant.packing import pack_codes
 from qcore.quant.qparams import group_index
 from qcore.schemes import QuantArgs, QuantScheme
 from qcore_builtins.checkpoints import (
+    NotExpressible,
     SafetensorsFolder,
     assemble,
     expect_tensor,
@@ -66,10 +67,6 @@ FLOAT = "FLOAT"
 PRIORITY = ("W4A16", "W8A8", "W8A8_DYNAMIC", "W8A16")
 #: msModelSlim's shard size
 DEFAULT_SHARD = "4GB"
-
-
-class NotExpressible(ValueError):
-    pass
 
 
 #: why qcore's FlatQuant models are not written as W4A4_FLATQUANT_DYNAMIC (msModelSlim's
@@ -90,8 +87,7 @@ def layer_type(name: str, m: QuantLinear) -> str:
     if w.granularity not in ("channel", "group"):
         raise NotExpressible(f"{name}: per-{w.granularity} weights; ascendV1 takes "
                              "per-channel or grouped weights")
-    contiguous = group_index(m.in_features, w).to(m.g_idx.dtype)
-    if not torch.equal(m.g_idx.cpu(), contiguous):
+    if not m.contiguous_groups():
         raise NotExpressible(f"{name}: act-order g_idx with permuted groups; ascendV1 "
                              "stores contiguous groups: quantize with static_groups=true")
     if a is None:

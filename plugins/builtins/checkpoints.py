@@ -21,6 +21,29 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qcore.errors import SavedModelError
 from qcore.quant.linear import QuantLinear, replace_module
 
+
+class NotExpressible(ValueError):
+    """A model a format cannot hold without changing its numbers."""
+
+
+def unique_state_dict(model: nn.Module, skip: set[str] = frozenset()
+                      ) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, each storage once (safetensors refuses shared
+    storage; a tied head is saved as transformers saves it, through its first name), less
+    those of the modules named in ``skip``."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in skip:
+            continue
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen and tensor.numel():
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
 #: transformers' default shard size
 DEFAULT_MAX_SHARD_SIZE = "50GB"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,15 +64,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path,
         index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
         (folder / index_file).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(split.filename_to_tensors)
-
-
-def read_config(path: Path) -> dict[str, Any] | None:
-    """A folder's config.json as a dict, or None."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
 
 
 class SafetensorsFolder:

@@ -42,6 +42,7 @@ from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
+from qcore.models.loading import quantization_config
 from qcore.quant.kvcache import kv_specs
 from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, pack_int32, unpack_int32
@@ -49,11 +50,12 @@ from qcore.quant.qparams import group_index
 from qcore.schemes import QuantArgs, QuantScheme
 from qcore_builtins.checkpoints import (
     DEFAULT_MAX_SHARD_SIZE,
+    NotExpressible,
     SafetensorsFolder,
     assemble,
     expect_tensor,
     layer_specs,
-    read_config,
+    unique_state_dict,
     write_safetensors,
 )
 
@@ -61,10 +63,6 @@ from qcore_builtins.checkpoints import (
 CT_VERSION = "0.20.0"
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT = "pack-quantized", "int-quantized"
-
-
-class NotExpressible(ValueError):
-    """A model the format cannot hold without changing its numbers."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -91,8 +89,7 @@ def _check_expressible(name: str, m: QuantLinear) -> None:
         raise NotExpressible(f"{name}: an online input transform "
                              f"({type(m.input_transform).__name__}, e.g. FlatQuant's); "
                              "compressed-tensors cannot hold it: use the qcore format")
-    contiguous = group_index(m.in_features, m.spec.weights).to(m.g_idx.dtype)
-    if not torch.equal(m.g_idx.cpu(), contiguous):
+    if not m.contiguous_groups():
         raise NotExpressible(f"{name}: act-order g_idx with permuted groups; "
                              "compressed-tensors 0.20 removed actorder='group': quantize "
                              "GPTQ with static_groups=true (contiguous groups)")
@@ -167,23 +164,6 @@ def export_plan(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
         "ignore": ignore, "moe_sparsity_config": None,
     }
     return qconfig, formats
-
-
-def _float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """Every tensor outside the quantized linears, tied copies once (as transformers
-    saves them)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in model.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
-        if owner in quantized:
-            continue
-        key = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -299,15 +279,14 @@ class CompressedTensorsFormat(Format):
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
-        config = read_config(Path(path))
-        qconfig = (config or {}).get("quantization_config")
-        return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
+        qconfig = quantization_config(path)
+        return qconfig is not None and qconfig.get("quant_method") == QUANT_METHOD
 
     def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
              ) -> SavedModel:
         qconfig, formats = export_plan(model)
         modules = dict(model.named_modules())
-        tensors = _float_tensors(model, set(formats))
+        tensors = unique_state_dict(model, skip=set(formats))
         for name, fmt in formats.items():
             tensors.update(linear_tensors(name, modules[name], fmt))
         max_shard = metadata.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE
@@ -337,8 +316,7 @@ class CompressedTensorsFormat(Format):
     def load(self, path: Path, modules: dict[str, type[nn.Module]]
              ) -> tuple[nn.Module, Any, dict]:
         path = Path(path)
-        config_data = read_config(path) or {}
-        qconfig = config_data["quantization_config"]
+        qconfig = quantization_config(path) or {}
         if qconfig.get("kv_cache_scheme"):
             raise SavedModelError(f"{path}: a kv_cache_scheme (static KV-cache scales) is not "
                                   "supported by qcore's reader")

@@ -38,9 +38,10 @@ from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory, dumps_json
+from qcore.models.loading import quantization_config
 from qcore.quant.kvcache import kv_specs, restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
-from qcore_builtins.checkpoints import folder_tokenizer
+from qcore_builtins.checkpoints import folder_tokenizer, unique_state_dict
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -135,28 +136,6 @@ def verify_tensors(path: Path, state: dict[str, torch.Tensor],
                                   "SHA-256 differs from the manifest)")
 
 
-def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied duplicates dropped (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
-        if key in seen and tensor.numel():
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def _declares_quantization(path: Path) -> bool:
-    """Whether config.json says how its quantized tensors are stored (GPTQ/AWQ exports)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "quantization_config" in config
-
-
 class QcoreFormat(Format):
     name = "qcore"
     description = "safetensors + qcore.json with the run configuration (bit-exact reload)"
@@ -172,7 +151,7 @@ class QcoreFormat(Format):
             for name, module in model.named_modules() if isinstance(module, QuantLinear)
         }
         dtype = next(model.parameters()).dtype
-        tensors = _tensors_for_saving(model)
+        tensors = unique_state_dict(model)
         meta = {**metadata, "format": self.name, "format_version": FORMAT_VERSION,
                 "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers,
                 "kv_cache": kv_specs(model),
@@ -204,7 +183,7 @@ class QcoreFormat(Format):
             return None
         marked = HEADER_KEY in header
         quant = [k for k in keys if k.endswith(QUANT_TENSOR_SUFFIXES)]
-        if marked or (quant and not _declares_quantization(path)):
+        if marked or (quant and quantization_config(path) is None):
             return (f"{path} holds qcore quantized tensors ({quant[0] if quant else file.name}) "
                     f"but no {METADATA_FILE}: without it the model cannot be rebuilt (it would "
                     "load as a float model with random weights); restore the file or "

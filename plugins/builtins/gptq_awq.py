@@ -30,6 +30,7 @@ from torch import nn
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
+from qcore.models.loading import quantization_config
 from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, unpack_int32
 from qcore.quant.qparams import group_index
@@ -39,7 +40,6 @@ from qcore_builtins.checkpoints import (
     assemble,
     expect_tensor,
     layer_specs,
-    read_config,
 )
 
 #: AutoAWQ GEMM: word slot i of a pack of eight holds output column AWQ_ORDER[i]
@@ -57,10 +57,8 @@ def awq_columns(packed_codes: torch.Tensor) -> torch.Tensor:
 
 
 def _qconfig(path: Path, method: str) -> dict[str, Any] | None:
-    qconfig = (read_config(path) or {}).get("quantization_config")
-    if isinstance(qconfig, dict) and qconfig.get("quant_method") == method:
-        return qconfig
-    return None
+    qconfig = quantization_config(path)
+    return qconfig if qconfig is not None and qconfig.get("quant_method") == method else None
 
 
 def _not_converted(name: str, qconfig: dict[str, Any]) -> bool:
@@ -129,6 +127,13 @@ class _CheckpointReader(Format):
         return module
 
 
+def _grouping(size: int, in_features: int) -> tuple[int | None, int]:
+    """(group size or None for per channel, number of groups): -1, 0 or a size covering
+    every input mean one group per output channel."""
+    group = None if size in (-1, 0) or size >= in_features else size
+    return group, in_features // group if group else 1
+
+
 def _weights(bits: int, group_size: int | None, symmetric: bool) -> QuantArgs:
     if group_size is None:
         return QuantArgs(bits=bits, symmetric=symmetric, granularity="channel")
@@ -152,9 +157,7 @@ class GPTQCheckpointFormat(_CheckpointReader):
             raise SavedModelError(f"{name}: checkpoint_format {fmt!r} is not supported "
                                   "(gptq, gptq_v2)")
         n, k = linear.out_features, linear.in_features
-        size = int(qconfig.get("group_size", 128))
-        group = None if size in (-1, 0) or size >= k else size
-        groups = k // group if group else 1
+        group, groups = _grouping(int(qconfig.get("group_size", 128)), k)
         qweight = tensors.get(f"{name}.qweight")
         expect_tensor(f"{name}.qweight", qweight, (k * bits // 32, n), (torch.int32,))
         qzeros = tensors.get(f"{name}.qzeros")
@@ -191,9 +194,8 @@ class AWQCheckpointFormat(_CheckpointReader):
             raise SavedModelError(f"{name}: AWQ {version} with {bits} bits is not supported "
                                   "(4-bit GEMM)")
         n, k = linear.out_features, linear.in_features
-        size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
-        group = None if size in (-1, 0) or size >= k else size
-        groups = k // group if group else 1
+        group, groups = _grouping(
+            int(qconfig.get("group_size", qconfig.get("q_group_size", 128))), k)
         qweight = tensors.get(f"{name}.qweight")
         expect_tensor(f"{name}.qweight", qweight, (k, n // 8), (torch.int32,))
         qzeros = tensors.get(f"{name}.qzeros")
