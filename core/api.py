@@ -40,6 +40,7 @@ from qcore.models.loading import (
     quantization_config,
     resolve_model_source,
 )
+from qcore.models.streaming import StreamedCheckpoint, can_stream, resolve_dtype
 from qcore.pipeline import check_group_size, run_layerwise
 from qcore.plugins import PluginError, PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
@@ -251,11 +252,20 @@ def export_model(source: str, format: str, out: str | Path, *, overwrite: bool =
 # ----------------------------------------------------------------------------- quantize
 @dataclass
 class QuantizeResult:
-    model: nn.Module
+    """What :func:`quantize` produced. A model written layer by layer is no longer in
+    memory: ``model`` reads it back from ``saved`` the first time it is asked for."""
+
     tokenizer: Any
     report: QuantizationReport
     saved: Path | None
     config: RunConfig
+    in_memory: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self.in_memory is None:
+            self.in_memory, _, _ = load_model(str(self.saved), backend=self.config.backend)
+        return self.in_memory
 
 
 def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
@@ -292,10 +302,17 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
                          expected_bytes=_expected_save_bytes(model_path, config))
 
+    checkpoint = None
     if model is None:
         tokenizer = load_tokenizer(config.model)
         calib = calibration_ids(tokenizer, config, plugins)  # a short text fails before loading
-        model, _, _ = load_model(config.model, plugins)
+        dtype = resolve_dtype(config.dtype, model_path)
+        if config.stream and can_stream(model_path):
+            checkpoint = StreamedCheckpoint(model_path, dtype)
+            checkpoint.check()  # every tensor listed, before any work
+            model = checkpoint.model
+        else:
+            model, _, _ = load_model(config.model, plugins, dtype=dtype)
     else:
         calib = calibration_ids(tokenizer, config, plugins)
     if not quantizer.uses_calibration() and config.error_windows is not None \
@@ -303,7 +320,6 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         log.info("%s needs no calibration activations: forwarding %d of %d windows (the "
                  "per-layer error's)", quantizer.name, config.error_windows, len(calib))
         calib = calib[: config.error_windows]
-    check_source_weights(model)
     adapter = adapter_for(model, plugins)
     try:
         check_group_size(model, adapter, scheme)
@@ -311,17 +327,36 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         raise ConfigError(str(exc)) from exc
     check_roles(quantizer, adapter)
     check_layer_options(quantizer, adapter)
+    if checkpoint is not None:  # the decoder layers are checked as they load
+        checkpoint.load_outside(adapter.decoder_layers())
+    else:
+        check_source_weights(model)
+    writer = None
+    if config.save is not None and config.stream:
+        fmt = plugins.get("format", config.format)()
+        writer = fmt.layer_writer(Path(config.save), run=_run_identity(config),
+                                  resume=config.resume, max_shard_size=config.max_shard_size)
+    if config.resume and writer is None:
+        raise ConfigError(f"--resume continues a layer-by-layer save: it needs --save, "
+                          f"streaming and a format that writes layer by layer (the "
+                          f"{config.format!r} format saves whole models only)"
+                          if config.save is not None and config.stream else
+                          "--resume continues a layer-by-layer save: give --save and "
+                          "leave streaming on")
 
     report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=run,
                            propagation=config.propagation,
                            batch_size=config.calibration.batch_size,
-                           error_windows=config.error_windows, progress=progress)
-    backend.install_kernels(model)
+                           error_windows=config.error_windows, progress=progress,
+                           source=checkpoint.load_layer if checkpoint is not None else None,
+                           writer=writer, modules=plugins.registry("module"))
     saved = None
+    if writer is not None:
+        saved = writer.finish(model, tokenizer, _save_metadata(config, scheme, report)).path
+        return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config)
+    backend.install_kernels(model)
     if config.save is not None:
-        metadata = {"run": config.model_dump(mode="json"),
-                    "scheme": scheme.model_dump(mode="json"),
-                    "report": report.model_dump(mode="json")}
+        metadata = _save_metadata(config, scheme, report)
         try:
             saved = save_model(model, tokenizer, config.save, metadata, format=config.format,
                                plugins=plugins, overwrite=config.overwrite)
@@ -332,8 +367,21 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
             save_model(model, tokenizer, rescue, metadata, plugins=plugins)
             raise ConfigError(f"--format {config.format}: {exc}; the quantized model was "
                               f"saved in the qcore format at {rescue} instead") from exc
-    return QuantizeResult(model=model, tokenizer=tokenizer, report=report, saved=saved,
-                          config=config)
+    return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config,
+                          in_memory=model)
+
+
+def _save_metadata(config: RunConfig, scheme: QuantScheme, report: QuantizationReport
+                   ) -> dict[str, Any]:
+    return {"run": config.model_dump(mode="json"), "scheme": scheme.model_dump(mode="json"),
+            "report": report.model_dump(mode="json"), "versions": package_versions()}
+
+
+def _run_identity(config: RunConfig) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: every setting that changes
+    the quantized tensors, and the versions that compute them."""
+    run = config.model_dump(mode="json", exclude=set(RunConfig.NOT_IDENTITY))
+    return {"run": run, "versions": package_versions()}
 
 
 def _rescue_path(save: Path) -> Path:

@@ -106,12 +106,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             cal[key] = value
     for key in ("model", "method", "scheme", "group_size", "observer", "backend",
-                "propagation", "error_windows", "save", "format"):
+                "propagation", "error_windows", "save", "format", "dtype", "max_shard_size"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    if args.overwrite:
-        base["overwrite"] = True
+    for flag, key, value in (("overwrite", "overwrite", True), ("resume", "resume", True),
+                             ("no_stream", "stream", False)):
+        if getattr(args, flag):
+            base[key] = value
     if args.set:
         base["method_config"] = {**base.get("method_config", {}), **parse_assignments(args.set)}
     if "model" not in base:
@@ -435,6 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing saved model at --save (never a folder holding "
                         "other files, an input or the current directory)")
     p.add_argument("--format", help=f"save format plugin (default: {_default(run, 'format')})")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the float model in memory; methods compute Hessians, "
+                        "searches and training in float32 per layer (default: auto, the "
+                        "checkpoint's own)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same configuration from the "
+                        "layers already written for --save")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole float model first and save it whole at the end "
+                        "(default: one decoder layer at a time for safetensors folders)")
+    p.add_argument("--max-shard-size", dest="max_shard_size", metavar="SIZE",
+                   help="largest output shard, e.g. 500MB, 2GB (default: the format's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (or per-layer lines when stderr is not a terminal)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,12 +39,28 @@ class RunConfig(BaseModel):
     backend: str = "cpu"
     propagation: Literal["quantized", "full"] | None = None
     error_windows: int | None = Field(
-        default=4, gt=0, description="calibration windows each layer's relative MSE is "
-                                     "measured on (null: all)")
+        default=4, ge=0, description="calibration windows each layer's relative MSE is "
+                                     "measured on (null: all; 0: not measured, and a method "
+                                     "that needs no calibration runs no forward at all)")
     save: str | None = None
     overwrite: bool = Field(default=False, description="replace an existing saved model at "
                                                        "`save` (never other folders)")
     format: str = "qcore"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of the float model in memory; auto: the "
+                                    "checkpoint's (float32 for GGUF and undeclared)")
+    stream: bool = Field(default=True, description="load a safetensors folder one decoder "
+                                                   "layer at a time, and write the output "
+                                                   "layer by layer when the format can")
+    resume: bool = Field(default=False, description="continue an interrupted layer-by-layer "
+                                                    "save of the same run at `save`")
+    max_shard_size: str | None = Field(
+        default=None, description="largest safetensors shard of the output (the format's "
+                                  "default when null)")
+
+    #: fields that change neither the quantized tensors nor where they go
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("save", "overwrite", "resume", "stream",
+                                               "max_shard_size", "error_windows")
 
     def resolved_scheme(self) -> QuantScheme:
         if isinstance(self.scheme, QuantScheme):

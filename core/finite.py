@@ -7,10 +7,19 @@ from torch import nn
 
 from qcore.errors import NonFiniteError
 
+#: elements checked at once: the check's temporaries stay small for a 151936-row embedding
+_CHUNK = 1 << 24
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i: i + _CHUNK]).all())
+               for i in range(0, flat.numel(), _CHUNK))
+
 
 def describe_nonfinite(t: torch.Tensor) -> str | None:
     """'3 NaN, 1 inf (first at [12, 40])' for a tensor with non-finite values, else None."""
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+    if not t.is_floating_point() or is_finite(t):
         return None
     nan = int(torch.isnan(t).sum())
     inf = int(torch.isinf(t).sum())

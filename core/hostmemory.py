@@ -7,6 +7,7 @@ import ctypes
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _status_kb(field: str) -> float | None:
@@ -97,3 +98,14 @@ def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
             if b > a and libc.madvise(a, b - a, _MADV_PAGEOUT) == 0:
                 advised += b - a
     return advised
+
+
+def page_out_tensors(tensors: list[Any]) -> int:
+    """:func:`page_out_file_backed` for the storages of these CPU tensors (those mapped
+    from a file: a checkpoint's, or one just written and read back)."""
+    ranges = []
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel():
+            storage = t.untyped_storage()
+            ranges.append((storage.data_ptr(), storage.nbytes()))
+    return page_out_file_backed(ranges)

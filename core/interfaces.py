@@ -185,6 +185,12 @@ class Backend(ABC):
     def offload_device(self) -> torch.device:
         return torch.device("cpu")
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a decoder layer of a ``dtype`` model runs in while the pipeline works
+        on it (the model stays ``dtype`` in memory; hidden states are rounded to it between
+        layers). A backend without fast half-precision matmuls answers float32."""
+        return dtype
+
     # which schemes run on a real integer kernel, as "scheme key" -> "kernel description"
     def real_kernels(self) -> dict[str, str]:
         return {}
@@ -293,9 +299,46 @@ class SavedModel(BaseModel):
     metadata: dict[str, Any]
 
 
+class LayerWriter(ABC):
+    """Receives a quantized model one decoder layer at a time while the pipeline runs, so
+    that the output never accumulates in memory; the folder appears, complete, only when
+    :meth:`finish` succeeds. A killed run leaves the finished layers where a writer opened
+    with ``resume=True`` for the same run finds them."""
+
+    @abstractmethod
+    def finished(self, prefix: str) -> dict[str, Any] | None:
+        """The saved report of decoder layer ``prefix`` when an earlier run wrote it."""
+
+    @abstractmethod
+    def restore(self, model: nn.Module, prefix: str, modules: dict[str, type[nn.Module]]
+                ) -> None:
+        """Put the saved quantized layer ``prefix`` back into ``model`` (a resumed run
+        needs its outputs as the next layer's inputs)."""
+
+    @abstractmethod
+    def write(self, prefix: str, layer: nn.Module, report: dict[str, Any]) -> None:
+        """Take a finished decoder layer (its tensors named ``prefix`` + local name)."""
+
+    @abstractmethod
+    def finish(self, model: nn.Module, tokenizer: Any, metadata: dict[str, Any]
+               ) -> SavedModel:
+        """Write the rest (tensors outside the written layers, configs, tokenizer,
+        metadata) and move the output into place."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Remove everything written so far."""
+
+
 class Format(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def layer_writer(self, path: Path, run: dict[str, Any], resume: bool = False,
+                     max_shard_size: str | None = None) -> LayerWriter | None:
+        """A writer that saves layer by layer into ``path`` (``run``: what identifies the
+        run, for resuming), or None when this format saves whole models only."""
+        return None
 
     @classmethod
     def can_load(cls, path: Path) -> bool:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from qcore.errors import OutputError
+from qcore.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,44 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def chmod_as_new_file(path: str | os.PathLike) -> None:
+    """Give a written file the permissions of the umask (safetensors writes 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished folder ``source`` to ``target`` (a sibling): one rename, or two
+    when an older ``target`` is replaced (it is deleted afterwards)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: str | int, option: str = "--max-shard-size") -> int:
+    """Bytes of ``500MB``, ``2GB``, ``1GiB`` or a plain number of bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE.match(size)
+        if not m:
+            raise ConfigError(f"{option} {size!r}: expected a size such as 500MB, 2GB or "
+                              "1GiB")
+        unit = (m[2] or "B").upper()
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+        base = 1024 if "I" in unit else 1000
+        value = int(float(m[1]) * base ** power)
+    if value <= 0:
+        raise ConfigError(f"{option} {size!r}: must be positive")
+    return value
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
@@ -114,13 +152,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,7 +166,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        chmod_as_new_file(tmp)  # mkstemp makes 0600
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

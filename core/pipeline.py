@@ -33,9 +33,11 @@ from torch import nn
 
 from qcore.errors import NonFiniteError
 from qcore.finite import all_finite, nonfinite_tensors
-from qcore.interfaces import Backend, Quantizer, WeightSolver
+from qcore.interfaces import Backend, LayerWriter, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter
+from qcore.models.streaming import release_layer
 from qcore.quant.gptq import HessianAccumulator
+from qcore.quant.kvcache import KVCacheQuantizer
 from qcore.quant.linear import QuantLinear, cached_dequantization, replace_module
 from qcore.reports import LayerReport, QuantizationReport
 from qcore.schemes import QuantArgs, QuantScheme
@@ -43,6 +45,8 @@ from qcore.schemes import QuantArgs, QuantScheme
 log = logging.getLogger(__name__)
 
 HookFn = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], None]
+#: fills a decoder layer's float tensors (named prefix + local name) from a checkpoint
+LayerSource = Callable[[str, nn.Module], None]
 
 
 class _StopForward(Exception):
@@ -70,9 +74,10 @@ def _non_layer_modules_on(model: nn.Module, adapter: ArchitectureAdapter, device
                           ) -> Iterator[None]:
     """Move everything except the decoder layers to ``device`` for the duration."""
     layers = adapter.decoder_layers()
+    inside = {id(m) for m in layers.modules()}
     moved: list[nn.Module] = []
     for module in model.modules():
-        if module is layers or any(module is layer for layer in layers):
+        if id(module) in inside:
             continue
         if any(p.device != device for p in module.parameters(recurse=False)) or any(
             b.device != device for b in module.buffers(recurse=False)
@@ -162,10 +167,11 @@ class LayerContext:
         keep_outputs: bool = True,
         inputs: list[torch.Tensor] | None = None,
         batches: int | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
         """Run every cached batch (or the first ``batches``) through the layer;
         ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name``
-        for each batch."""
+        for each batch. ``out_dtype``: keep the outputs in it (cast batch by batch)."""
         handles = []
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
@@ -183,7 +189,7 @@ class LayerContext:
             for x, kw in pairs[:batches]:
                 y = _hidden(self.layer(x, **kw))
                 if keep_outputs:
-                    outputs.append(y)
+                    outputs.append(y if out_dtype is None else y.to(out_dtype))
         finally:
             for h in handles:
                 h.remove()
@@ -263,6 +269,80 @@ class LayerContext:
         return stats
 
 
+@dataclass
+class Precision:
+    """Where the pipeline rounds. The model and the hidden states kept between layers are
+    ``storage`` (the model's dtype); the layer being worked on runs in ``work``, the
+    backend's compute dtype for it (float32 for a bf16 model on a CPU without bf16
+    matmuls). Equal dtypes make every method here a no-op."""
+
+    storage: torch.dtype
+    work: torch.dtype
+
+    @classmethod
+    def of(cls, model: nn.Module, backend: Backend) -> Precision:
+        embedding = model.get_input_embeddings()
+        storage = embedding.weight.dtype if embedding is not None else torch.float32
+        return cls(storage, backend.compute_dtype(storage))
+
+    def enter(self, layer: nn.Module, device: torch.device) -> None:
+        """The layer on the device, in the work dtype."""
+        layer.to(device)
+        if self.work != self.storage:
+            layer.to(dtype=self.work)
+
+    def cast(self, obj: Any) -> Any:
+        """Floating tensors in ``obj`` (lists, tuples, dicts) in the work dtype."""
+        if self.work == self.storage:
+            return obj
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.work) if obj.is_floating_point() else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self.cast(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self.cast(v) for k, v in obj.items()}
+        return obj
+
+    def store(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return outputs if self.work == self.storage else [y.to(self.storage) for y in outputs]
+
+    def restore(self, module: nn.Module) -> None:
+        """A finished layer's float tensors back in the storage dtype, except what a
+        quantized linear computed in float32 on purpose (scales, static activation
+        parameters, online transforms) and KV-cache quantizers; a QuantLinear's bias
+        follows the model."""
+        if self.work == self.storage:
+            return
+        if isinstance(module, QuantLinear):
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(self.storage)
+            return
+        if isinstance(module, KVCacheQuantizer):
+            return
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(self.storage)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                setattr(module, name, b.to(self.storage))
+        for child in module.children():
+            self.restore(child)
+
+
+@torch.no_grad()
+def _replay(layer: nn.Module, backend: Backend, precision: Precision,
+            inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """A finished layer's outputs on every batch; the layer is dropped afterwards."""
+    host = _host_ranges(layer)
+    precision.enter(layer, backend.device)
+    with cached_dequantization():
+        outputs = [_hidden(layer(x, **kw))
+                   for x, kw in zip(precision.cast(inputs), kwargs, strict=True)]
+    release_layer(layer)
+    backend.release_host_memory(sorted(host))
+    return precision.store(outputs)
+
+
 def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
     """(address, bytes) of the module's tensors in host memory (whole storages)."""
     ranges = set()
@@ -277,6 +357,8 @@ def _error_batches(inputs: list[torch.Tensor], windows: int | None) -> int:
     """How many leading batches cover at least ``windows`` windows (None: all)."""
     if windows is None:
         return len(inputs)
+    if windows == 0:
+        return 0
     seen = 0
     for b, x in enumerate(inputs):
         seen += x.shape[0]
@@ -359,15 +441,25 @@ def run_layerwise(
     batch_size: int = 4,
     error_windows: int | None = 4,
     progress: bool = True,
+    source: LayerSource | None = None,
+    writer: LayerWriter | None = None,
+    modules: dict[str, type[nn.Module]] | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place, one decoder layer at a time.
 
     ``error_windows``: calibration windows each layer's relative MSE is measured on (None:
     all). Fewer spares a full-precision layer forward on the rest unless the quantizer or
-    ``propagation="full"`` needs every full-precision output anyway."""
+    ``propagation="full"`` needs every full-precision output anyway.
+
+    Streaming: ``source`` fills each decoder layer from the checkpoint just before its
+    turn (the layers start on the meta device); ``writer`` takes each finished layer,
+    which is then dropped, so memory follows one layer. A layer the writer already holds
+    from an interrupted run is not quantized again: only its outputs are recomputed (the
+    saved quantized layer's, or the float layer's under full propagation), as the next
+    layer's inputs; ``modules`` rebuilds its online transforms."""
     propagation = propagation or quantizer.propagation
-    if error_windows is not None and error_windows <= 0:
-        raise ValueError(f"error_windows must be positive or None, got {error_windows}")
+    if error_windows is not None and error_windows < 0:
+        raise ValueError(f"error_windows must be >= 0 or None, got {error_windows}")
     all_fp = propagation == "full" or quantizer.needs_fp_outputs
     started = time.perf_counter()
     backend.reset_peak_memory()
@@ -375,6 +467,11 @@ def run_layerwise(
     quantizer.prepare(model, adapter)
     inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size)
     kwargs = [_move(kw, backend.device) for kw in kwargs]
+    # the embedding rows the calibration read (of a memory-mapped checkpoint) are not
+    # needed again
+    backend.release_host_memory(sorted(_host_ranges(model.get_input_embeddings())))
+    precision = Precision.of(model, backend)
+    work_kwargs = precision.cast(kwargs)
     n_error = _error_batches(inputs, error_windows)  # batches keep their sizes layer to layer
     windows = sum(x.shape[0] for x in inputs[:n_error])
     need_q = propagation == "quantized"
@@ -390,29 +487,49 @@ def run_layerwise(
             t0 = time.perf_counter()
             name = adapter.layer_prefix(index)
             bar.update(task, info=f"{name}")
+            saved = writer.finished(name) if writer is not None else None
+            if saved is not None:  # resumed: recompute the next layer's inputs only
+                if need_q:
+                    writer.restore(model, name, modules or {})
+                elif source is not None:
+                    source(f"{name}.", layer)
+                inputs = _replay(layer, backend, precision, inputs, work_kwargs)
+                report.layers.append(LayerReport.model_validate(saved))
+                bar.update(task, advance=1, info=f"{name} (resumed)")
+                log.info("%s: finished by an earlier run, outputs recomputed", name)
+                continue
+            if source is not None:
+                source(f"{name}.", layer)
             host_before = _host_ranges(layer)
-            layer.to(backend.device)
-            ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs, kwargs=kwargs,
-                               adapter=adapter, scheme=quantizer.scheme, backend=backend,
-                               plugins=plugins)
+            precision.enter(layer, backend.device)
+            inputs = precision.cast(inputs)
+            ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs,
+                               kwargs=work_kwargs, adapter=adapter, scheme=quantizer.scheme,
+                               backend=backend, plugins=plugins)
             with cached_dequantization():  # the layer runs several times; dequantize once
                 ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
                 stats = quantizer.quantize_layer(ctx) or {}
-                q_outputs = ctx.forward(batches=None if need_q else n_error)
+                q_outputs = ctx.forward(batches=None if need_q else n_error,
+                                        out_dtype=precision.storage)
             if not all_finite(q_outputs):
                 raise NonFiniteError(_nonfinite_cause(name, quantizer.name, layer, inputs,
                                                       ctx.reference_outputs))
-            error = relative_mse(ctx.reference_outputs[:n_error], q_outputs)
-            inputs = q_outputs if need_q else ctx.fp_outputs
+            error = relative_mse(ctx.reference_outputs[:n_error], q_outputs) if n_error \
+                else math.nan
+            inputs = q_outputs if need_q else precision.store(ctx.fp_outputs)
             del ctx, q_outputs
+            precision.restore(layer)
             layer.to(backend.offload_device)
-            backend.release_host_memory(sorted(host_before - _host_ranges(layer)))
-            backend.synchronize()
-            backend.empty_cache()
             layer_report = LayerReport(index=index, name=name, method=quantizer.name,
                                        relative_mse=error, seconds=time.perf_counter() - t0,
                                        error_windows=windows,
                                        stats=stats)
+            if writer is not None:
+                writer.write(name, layer, layer_report.model_dump(mode="json"))
+                release_layer(layer)
+            backend.release_host_memory(sorted(host_before - _host_ranges(layer)))
+            backend.synchronize()
+            backend.empty_cache()
             report.layers.append(layer_report)
             if plugins is not None:
                 plugins.hook.qcore_layer_quantized(report=layer_report)

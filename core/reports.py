@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class LayerReport(BaseModel):
@@ -15,11 +16,16 @@ class LayerReport(BaseModel):
     method: str
     relative_mse: float = Field(
         description="||y_q - y_fp||^2 / ||y_fp||^2 over the first error_windows calibration "
-                    "windows")
+                    "windows; NaN (null in JSON) when not measured (error_windows 0)")
     error_windows: int = Field(default=0, description="calibration windows relative_mse is "
                                                      "measured on")
     seconds: float
     stats: dict[str, Any] = Field(default_factory=dict, description="per-method statistics")
+
+    @field_validator("relative_mse", mode="before")
+    @classmethod
+    def _null_is_not_measured(cls, value: Any) -> Any:
+        return math.nan if value is None else value
 
 
 class QuantizationReport(BaseModel):

@@ -122,9 +122,13 @@ def inverse_cholesky_upper(
         rel = damp + step * damp_step
         Hd = H.clone()
         Hd.diagonal().add_(rel * mean_diag)
-        try:
+        try:  # at most two columns x columns temporaries alive at once (321 MB each at 8960)
             L = cholesky(Hd)
-            U = cholesky(cholesky_inverse(L), upper=True)
+            del Hd
+            inverse = cholesky_inverse(L)
+            del L
+            U = cholesky(inverse, upper=True)
+            del inverse
             if torch.isfinite(U).all():
                 return U, rel, step
             last_error = "non-finite factor"
@@ -167,9 +171,9 @@ def factor_hessian(
 ) -> HessianFactor:
     """Dead inputs, act_order's permutation and the damped inverse Cholesky factor of H
     (computed in H's dtype)."""
-    H = H.clone()
     dead = torch.diagonal(H) == 0
-    if bool(dead.any()):
+    if bool(dead.any()):  # changed below: a copy (the caller's H scores the loss)
+        H = H.clone()
         H[dead, dead] = 1
     perm = None
     if act_order:

@@ -119,6 +119,10 @@ def group_index(in_features: int, args: QuantArgs) -> torch.Tensor:
     return torch.zeros(in_features, dtype=torch.int32)
 
 
+#: elements of a weight rounded at once (64 MB of float32 per temporary)
+_BLOCK_ELEMENTS = 1 << 24
+
+
 def quantize_weight(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -126,9 +130,18 @@ def quantize_weight(
     g_idx: torch.Tensor,
     bits: int,
 ) -> torch.Tensor:
-    """Codes of a (out, in) weight given per-group parameters and the column -> group map."""
+    """uint8 codes of a (out, in) weight given per-group parameters and the column -> group
+    map, computed in float32 a block of rows at a time: the per-column parameters of a
+    whole 18944 x 3584 weight would be two more float32 copies of it (270 MB each)."""
+    rows, cols = weight.shape
     idx = g_idx.long()
-    return quantize(weight.float(), scale[:, idx], zero[:, idx], bits)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
+    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    for r in range(0, rows, step):
+        block = slice(r, r + step)
+        codes[block] = quantize(weight[block].float(), scale[block][:, idx],
+                                zero[block][:, idx], bits)
+    return codes
 
 
 def dequantize_weight(

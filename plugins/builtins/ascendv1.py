@@ -322,7 +322,7 @@ class AscendV1Format(Format):
             raise SavedModelError(f"{path}: KV-cache / attention quantization ({attention}) "
                                   "is not read by qcore")
         tensors = SafetensorsFolder(path, single="quant_model_weights.safetensors",
-                                    index_file=WEIGHTS_INDEX)
+                                    index_file=WEIGHTS_INDEX, error=SavedModelError)
         readable = {"W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8"}
 
         def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qcore.errors import SavedModelError
+from qcore.io import chmod_as_new_file
+from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
 from qcore.quant.linear import QuantLinear, replace_module
 
 
@@ -26,15 +27,16 @@ class NotExpressible(ValueError):
     """A model a format cannot hold without changing its numbers."""
 
 
-def unique_state_dict(model: nn.Module, skip: set[str] = frozenset()
-                      ) -> dict[str, torch.Tensor]:
-    """The model's tensors on the CPU, each storage once (safetensors refuses shared
-    storage; a tied head is saved as transformers saves it, through its first name), less
-    those of the modules named in ``skip``."""
+def unique_state_dict(model: nn.Module, skip: set[str] = frozenset(), prefix: str = "",
+                      skip_under: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The module's tensors on the CPU named ``prefix`` + local name, each storage once
+    (safetensors refuses shared storage; a tied head is saved as transformers saves it,
+    through its first name), less those of the modules named in ``skip`` and those whose
+    names start with one of ``skip_under``."""
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in skip:
+    for name, tensor in model.state_dict(prefix=prefix).items():
+        if name.rsplit(".", 1)[0] in skip or (skip_under and name.startswith(skip_under)):
             continue
         key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
         if key in seen and tensor.numel():
@@ -46,7 +48,6 @@ def unique_state_dict(model: nn.Module, skip: set[str] = frozenset()
 
 #: transformers' default shard size
 DEFAULT_MAX_SHARD_SIZE = "50GB"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path,
@@ -60,53 +61,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path,
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename),
                   metadata={"format": "pt"})
+        chmod_as_new_file(folder / filename)
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
         (folder / index_file).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(split.filename_to_tensors)
-
-
-class SafetensorsFolder:
-    """The tensors of a folder's ``model.safetensors`` or its indexed shards, read one by
-    one (memory-mapped), with errors naming the tensor or the missing shard. Pickled
-    ``.bin`` checkpoints are never read."""
-
-    def __init__(self, path: Path, single: str = "model.safetensors",
-                 index_file: str = INDEX_FILE) -> None:
-        self.path = path
-        index = path / index_file
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise SavedModelError(f"{index}: not a safetensors index ({exc})") from exc
-        elif (path / single).is_file():
-            try:
-                with safe_open(str(path / single), "pt") as f:
-                    weight_map = {k: single for k in f.keys()}
-            except (SafetensorError, OSError) as exc:
-                raise SavedModelError(f"{path / single}: unreadable ({exc})") from exc
-        else:
-            raise SavedModelError(f"{path}: no {single} or {index_file} (pickled .bin "
-                                  "checkpoints are never loaded)")
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).is_file():
-                first = next(k for k, v in weight_map.items() if v == shard)
-                raise SavedModelError(f"{path}: shard {shard} (holding {first}) is missing")
-        self.weight_map: dict[str, str] = weight_map
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise SavedModelError(f"{self.path}: tensor {name} is missing")
-        try:
-            with safe_open(str(self.path / shard), "pt") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise SavedModelError(f"{self.path / shard}: cannot read {name} ({exc})") from exc
 
 
 def expect_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...],

@@ -325,7 +325,7 @@ class CompressedTensorsFormat(Format):
                                   "supported by qcore's reader")
         if not qconfig.get("config_groups"):
             raise SavedModelError(f"{path}: quantization_config has no config_groups")
-        tensors = SafetensorsFolder(path)
+        tensors = SafetensorsFolder(path, error=SavedModelError)
 
         def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
             found = _scheme_for(name, linear, qconfig)

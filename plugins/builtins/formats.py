@@ -2,14 +2,18 @@
 
 Layout of a saved folder::
 
-    model.safetensors   every tensor (QuantLinear codes, scales, zeros, g_idx, floats)
+    model.safetensors   every tensor (QuantLinear codes, scales, zeros, g_idx, floats), or
+                        shards model-0000i-of-0000n.safetensors and their index when the
+                        model exceeds the shard size (qcore_writer; 500MB by default)
     config.json         the transformers model config
     tokenizer files     as the tokenizer saves them
     qcore.json          run configuration, scheme, versions, a spec per QuantLinear and
                         per KV-cache quantizer, and a manifest: every tensor's name, shape,
                         dtype and SHA-256
 
-Saving is atomic (a temporary sibling folder renamed into place); loading validates
+Saving is atomic (a temporary sibling folder renamed into place), whole or, while the
+pipeline runs, one decoder layer at a time (:class:`qcore_builtins.qcore_writer.
+QcoreLayerWriter`, resumable); loading validates
 qcore.json against :class:`QcoreMetadata` (unknown or malformed fields are errors), checks
 every stored tensor against the manifest (a missing, extra, reshaped, retyped or altered
 tensor is an error naming it), rebuilds the model skeleton without allocating weights,
@@ -19,7 +23,6 @@ are bit-identical to the saved model's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -29,23 +32,33 @@ import torch
 from accelerate import init_empty_weights
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.config import validation_summary
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
-from qcore.interfaces import Format, SavedModel
+from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
+from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
 from qcore.models.loading import quantization_config
-from qcore.quant.kvcache import kv_specs, restore_kv_quantization
+from qcore.quant.kvcache import restore_kv_quantization
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
 from qcore_builtins.checkpoints import folder_tokenizer, unique_state_dict
+from qcore_builtins.qcore_writer import (
+    QcoreLayerWriter,
+    ShardedWriter,
+    check_metadata,
+    max_shard_bytes,
+    quant_specs,
+    tensor_digest,
+)
 
 METADATA_FILE = "qcore.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 2  # 2: tensor manifest; 1 (no manifest) still loads, unverified
+#: 3: shards and index past the shard size; 2: tensor manifest; 1 (no manifest) still
+#: loads, unverified
+FORMAT_VERSION = 3
 #: safetensors header key marking a qcore file, so a folder that lost its qcore.json is
 #: recognised and refused rather than loaded as a float model
 HEADER_KEY = "qcore_format_version"
@@ -79,17 +92,6 @@ class QcoreMetadata(BaseModel):
     versions: dict[str, str | None] = Field(default_factory=dict)
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (C order)."""
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy()).hexdigest()
-
-
-def manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                   "sha256": tensor_digest(t)} for name, t in tensors.items()}
-
-
 def read_metadata(path: Path) -> QcoreMetadata:
     """Parse and validate qcore.json; every problem is a one-line SavedModelError."""
     file = Path(path) / METADATA_FILE
@@ -115,7 +117,7 @@ def read_metadata(path: Path) -> QcoreMetadata:
 def verify_tensors(path: Path, state: dict[str, torch.Tensor],
                    expected: dict[str, TensorEntry]) -> None:
     """Every tensor the manifest lists, with its shape, dtype and bytes, and no other."""
-    file = Path(path) / WEIGHTS_FILE
+    file = Path(path) / (WEIGHTS_FILE if (Path(path) / WEIGHTS_FILE).is_file() else INDEX_FILE)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
@@ -136,6 +138,28 @@ def verify_tensors(path: Path, state: dict[str, torch.Tensor],
                                   "SHA-256 differs from the manifest)")
 
 
+HEADER = {"format": "pt", HEADER_KEY: str(FORMAT_VERSION)}
+
+
+def complete_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict[str, Any],
+                    tensors: dict[str, dict[str, Any]], linears: dict[str, Any],
+                    kv: dict[str, Any]) -> SavedModel:
+    """Write config, tokenizer and qcore.json next to the written shards (``tensors``:
+    their manifest; ``linears``/``kv``: the specs of every quantized module)."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    meta = {**metadata, "format": QcoreFormat.name, "format_version": FORMAT_VERSION,
+            "dtype": str(dtype).removeprefix("torch."), "quantized_layers": linears,
+            "kv_cache": kv,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "tensors": tensors}
+    check_metadata(meta, QcoreMetadata.model_validate, folder)
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(dumps_json(meta, indent=2) + "\n")
+    return SavedModel(path=folder, metadata=meta)
+
+
 class QcoreFormat(Format):
     name = "qcore"
     description = "safetensors + qcore.json with the run configuration (bit-exact reload)"
@@ -146,34 +170,25 @@ class QcoreFormat(Format):
 
     def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
              ) -> SavedModel:
-        layers = {
-            name: module.spec.model_dump(mode="json")
-            for name, module in model.named_modules() if isinstance(module, QuantLinear)
-        }
-        dtype = next(model.parameters()).dtype
-        tensors = unique_state_dict(model)
-        meta = {**metadata, "format": self.name, "format_version": FORMAT_VERSION,
-                "dtype": str(dtype).removeprefix("torch."), "quantized_layers": layers,
-                "kv_cache": kv_specs(model),
-                "attn_implementation": getattr(model.config, "_attn_implementation", None),
-                "tensors": manifest(tensors)}
-        try:  # never write what would not load
-            QcoreMetadata.model_validate(json.loads(dumps_json(meta)))
-        except ValidationError as exc:
-            raise ValueError(f"metadata for {path}: {validation_summary(exc)}") from exc
+        linears, kv = quant_specs(model)
         with atomic_directory(path) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_FILE),
-                      metadata={"format": "pt", HEADER_KEY: str(FORMAT_VERSION)})
-            model.config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            (tmp / METADATA_FILE).write_text(dumps_json(meta, indent=2) + "\n")
-        return SavedModel(path=Path(path), metadata=meta)
+            shards = ShardedWriter(tmp, max_shard_bytes(metadata.get("max_shard_size")),
+                                   HEADER)
+            for name, tensor in unique_state_dict(model).items():
+                shards.add({name: tensor})
+            saved = complete_folder(tmp, model, tokenizer, metadata, shards.close(),
+                                    linears, kv)
+        return SavedModel(path=Path(path), metadata=saved.metadata)
+
+    def layer_writer(self, path: Path, run: dict[str, Any], resume: bool = False,
+                     max_shard_size: str | None = None) -> LayerWriter:
+        return QcoreLayerWriter(path, run, resume, max_shard_bytes(max_shard_size), HEADER,
+                                complete_folder)
 
     @classmethod
     def diagnose(cls, path: Path) -> str | None:
-        file = Path(path) / WEIGHTS_FILE
-        if cls.can_load(path) or not file.is_file():
+        file = _first_weights_file(Path(path))
+        if cls.can_load(path) or file is None:
             return None
         try:
             with safe_open(str(file), "pt") as f:
@@ -194,10 +209,8 @@ class QcoreFormat(Format):
         path = Path(path)
         parsed = read_metadata(path)
         meta = parsed.model_dump()
-        try:
-            state = load_file(str(path / WEIGHTS_FILE))
-        except (SafetensorError, OSError) as exc:
-            raise SavedModelError(f"{path / WEIGHTS_FILE}: unreadable ({exc})") from exc
+        folder = SafetensorsFolder(path, error=SavedModelError)
+        state = {name: folder.get(name) for name in folder.weight_map}
         if parsed.tensors is None:
             log.warning("%s has no tensor manifest (format_version %d): its tensors are not "
                         "verified", path, parsed.format_version)
@@ -222,10 +235,22 @@ class QcoreFormat(Format):
         still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         still_meta += [n for n, b in model.named_buffers() if b.device.type == "meta"]
         if still_meta:
-            raise SavedModelError(f"{path}: tensors missing from {WEIGHTS_FILE}: "
+            raise SavedModelError(f"{path}: tensors missing from its safetensors: "
                                   f"{still_meta[:5]}")
         model.eval()
         return model, folder_tokenizer(path), meta
+
+
+def _first_weights_file(path: Path) -> Path | None:
+    """``model.safetensors``, or the first shard its index names."""
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    try:
+        shards = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        first = path / sorted(shards.values())[0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return first if first.is_file() else None
 
 
 @hookimpl

@@ -98,7 +98,7 @@ class _CheckpointReader(Format):
         path = Path(path)
         qconfig = _qconfig(path, self.method)
         assert qconfig is not None
-        tensors = SafetensorsFolder(path)
+        tensors = SafetensorsFolder(path, error=SavedModelError)
 
         def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
             if _not_converted(name, qconfig) or f"{name}.qweight" not in tensors:

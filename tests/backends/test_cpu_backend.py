@@ -32,3 +32,16 @@ def test_reference_path_is_exact_dequantize_then_matmul():
     assert counts.get("reference") == 1 or q.kernel is not None
     if q.kernel is None:
         assert torch.equal(q(x), expected)
+
+
+def test_half_precision_layers_run_in_float32_without_native_support(monkeypatch):
+    be = CPUBackend()
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported",
+                  "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert be.compute_dtype(torch.bfloat16) == torch.float32
+    assert be.compute_dtype(torch.float16) == torch.float32
+    assert be.compute_dtype(torch.float32) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert be.compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert be.compute_dtype(torch.float16) == torch.float32

@@ -185,3 +185,15 @@ def test_json_never_holds_bare_nan():
     text = dumps_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
         "a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_sizes_parse_with_units_and_bad_ones_are_named():
+    from qcore.errors import ConfigError
+    from qcore.io import parse_size
+
+    assert parse_size("500MB") == 500 * 10**6 and parse_size("2GB") == 2 * 10**9
+    assert parse_size("1GiB") == 2**30 and parse_size("1.5kb") == 1500
+    assert parse_size(4096) == 4096 and parse_size("123") == 123
+    for bad in ("lots", "5 XB", "0MB"):
+        with pytest.raises(ConfigError, match=rf"--max-shard-size {bad!r}"):
+            parse_size(bad)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -126,11 +128,20 @@ def test_error_is_measured_on_the_first_windows(tiny_llama, plugins, calib_ids, 
     assert report.layers[0].relative_mse == pytest.approx(expected, rel=1e-4)
 
 
-def test_error_windows_must_be_positive(tiny_llama, plugins, calib_ids):
+def test_error_windows_must_not_be_negative(tiny_llama, plugins, calib_ids):
     quantizer, adapter, backend = _setup(tiny_llama, plugins)
-    with pytest.raises(ValueError, match="error_windows must be positive"):
-        run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids, error_windows=0,
+    with pytest.raises(ValueError, match="error_windows must be >= 0"):
+        run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids, error_windows=-1,
                       progress=False)
+
+
+def test_zero_error_windows_measure_nothing(tiny_llama, plugins, calib_ids):
+    quantizer, adapter, backend = _setup(tiny_llama, plugins)
+    report = run_layerwise(tiny_llama, quantizer, adapter, backend, calib_ids,
+                           error_windows=0, progress=False)
+    assert all(math.isnan(x.relative_mse) and x.error_windows == 0 for x in report.layers)
+    again = type(report.layers[0]).model_validate_json(report.layers[0].model_dump_json())
+    assert math.isnan(again.relative_mse)  # JSON null reads back as "not measured"
 
 
 class ReadsTargets(Quantizer):
@@ -175,5 +186,30 @@ def test_replaced_float_weights_are_handed_to_the_backend(tiny_llama, plugins, c
     quantizer = api.build_quantizer("rtn", get_scheme("W8A16"), {}, plugins)
     run_layerwise(tiny_llama, quantizer, adapter, Spy(), calib_ids, plugins=plugins,
                   progress=False)
-    assert len(released) == len(tiny_llama.model.layers)
-    assert set(released[0]) == weights
+    embedding = tiny_llama.model.embed_tokens.weight
+    # first the embedding rows the calibration read, then each layer's replaced weights
+    assert released[0] == [(embedding.data_ptr(), embedding.numel() * 4)]
+    assert len(released) == 1 + len(tiny_llama.model.layers)
+    assert set(released[1]) == weights
+
+
+def test_precision_restores_the_model_dtype_but_keeps_float32_quantization_state():
+    from torch import nn
+
+    from qcore.pipeline import Precision
+
+    layer = nn.ModuleDict({"norm": nn.LayerNorm(8), "proj": nn.Linear(8, 8)}).to(torch.bfloat16)
+    precision = Precision(storage=torch.bfloat16, work=torch.float32)
+    precision.enter(layer, torch.device("cpu"))
+    assert layer["proj"].weight.dtype == torch.float32
+    args = get_scheme("W4A16", 8).weights
+    layer["proj"] = QuantLinear.from_float(layer["proj"], args)
+    precision.restore(layer)
+    assert layer["norm"].weight.dtype == torch.bfloat16
+    assert layer["proj"].bias.dtype == torch.bfloat16
+    assert layer["proj"].scales.dtype == torch.float32  # computed in float32 on purpose
+    same = Precision(storage=torch.float32, work=torch.float32)
+    x = [torch.randn(2, 8)]
+    assert same.cast(x) is x and same.store(x) is x
+    assert precision.cast({"a": (torch.ones(1, dtype=torch.bfloat16), torch.ones(1).long())}
+                          )["a"][0].dtype == torch.float32

@@ -56,3 +56,15 @@ def test_perplexity_fires_the_evaluation_event_and_validates(tiny_llama, tiny_to
         api.evaluate(tiny_llama, tiny_tokenizer, "perplexity",
                      {"data": DataSpec(source="pydoc"), "seq_len": 64, "windows": 10**6},
                      plugins=plugins)
+
+
+def test_logits_in_chunks_score_what_whole_batches_score(tiny_tokenizer, plugins):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("qwen2")
+    options = {"data": DataSpec(source="pydoc", part="tail"), "seq_len": 64, "windows": 4,
+               "batch_size": 2}
+    results = [api.evaluate(model, tiny_tokenizer, "perplexity", {**options, "logit_chunk": c},
+                            plugins=plugins).metrics["perplexity"] for c in (7, 64, 4096)]
+    assert results[0] == pytest.approx(results[2], rel=1e-6)
+    assert results[1] == pytest.approx(results[2], rel=1e-6)
