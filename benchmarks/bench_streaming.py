@@ -36,7 +36,8 @@ SHAPES = {
 }
 #: name -> (shape, method, quantize arguments)
 ROWS = {
-    "rtn-7b": ("7b", "rtn", ["--scheme", "W4A16", "--group-size", "128"]),
+    "rtn-7b": ("7b", "rtn", ["--scheme", "W4A16", "--group-size", "128",
+                             "--error-windows", "0"]),
     "gptq-1.5b": ("1.5b", "gptq", ["--scheme", "W4A16", "--group-size", "128"]),
 }
 SHARD_BYTES = 2 * 10**9
@@ -139,7 +140,8 @@ def run_child(args: list[str]) -> tuple[float, float, int, str]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         peak = float(peak_file.read_text()) if peak_file.is_file() else float("nan")
-    return seconds, peak, proc.returncode, (proc.stderr + proc.stdout)[-2000:]
+    return seconds, peak, proc.returncode, proc.stdout if proc.returncode == 0 else (
+        proc.stderr + proc.stdout)[-2000:]
 
 
 def child(peak_file: str, args: list[str]) -> int:
@@ -157,7 +159,9 @@ def child(peak_file: str, args: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
-    parser.add_argument("--layers", type=int, default=28, help="decoder layers (real: 28)")
+    parser.add_argument("--layers", type=int, default=28,
+                        help="decoder layers (real: 28; peak memory follows one layer, the "
+                             "time grows with the count)")
     parser.add_argument("--samples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, dest="seq_len")
     parser.add_argument("--work", type=Path,
@@ -180,22 +184,25 @@ def main() -> None:
                "--method", method, *extra, "--calib", str(WIKI), "--calib-part", "head",
                "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--save", str(out), "--overwrite", "--json"]
-        seconds, peak, code, tail = run_child(cmd)
+        seconds, peak, code, output = run_child(cmd)
         if code != 0:
-            sys.exit(f"{row} failed (exit {code}):\n{tail}")
+            sys.exit(f"{row} failed (exit {code}):\n{output}")
+        report = json.loads(output[output.index("{"):])
+        per_layer = [x["seconds"] for x in report["layers"]]
         rows.append({"row": row, "shape": f"Qwen2-{shape} ({args.layers} layers)",
                      "method": method, "scheme": " ".join(extra[1::2]),
                      "calibration": f"{args.samples} x {args.seq_len}"
-                     if method != "rtn" else "none (4 error windows)",
+                     if method != "rtn" else "none (no forward)",
                      "checkpoint_gb": round(folder_bytes(folder) / 1e9, 2),
                      "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
+                     "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
                      "output_gb": round(folder_bytes(out) / 1e9, 2)})
         print(f"{row}: {rows[-1]}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     cols = ["shape", "method", "scheme", "calibration", "checkpoint_gb", "peak_rss_mb",
-            "seconds", "output_gb"]
+            "seconds", "s_per_layer", "output_gb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qcore.errors import ConfigError
 from qcore.interfaces import DataSpec
+from qcore.io import parse_size
 from qcore.schemes import QuantScheme, get_scheme
 
 
@@ -61,6 +62,13 @@ class RunConfig(BaseModel):
     #: fields that change neither the quantized tensors nor where they go
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("save", "overwrite", "resume", "stream",
                                                "max_shard_size", "error_windows")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)  # e.g. "500MB"; refused before any work
+        return value
 
     def resolved_scheme(self) -> QuantScheme:
         if isinstance(self.scheme, QuantScheme):

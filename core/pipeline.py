@@ -199,7 +199,11 @@ class LayerContext:
         return self.layer.get_submodule(name)
 
     def replace(self, name: str, module: nn.Module) -> nn.Module:
-        return replace_module(self.layer, name, module)
+        """Put ``module`` in place of submodule ``name``; the host memory of the replaced
+        module's tensors (pages of a memory-mapped checkpoint) is released right away."""
+        old = replace_module(self.layer, name, module)
+        self.backend.release_host_memory(sorted(_host_ranges(old)))
+        return old
 
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``2/N sum x x^T`` of each named linear's input over every calibration token, in
@@ -280,10 +284,13 @@ class Precision:
     work: torch.dtype
 
     @classmethod
-    def of(cls, model: nn.Module, backend: Backend) -> Precision:
+    def of(cls, model: nn.Module, backend: Backend, forwards: bool = True) -> Precision:
+        """``forwards``: whether any batch will run through the layers; without, a
+        float32 copy of each layer would only cost memory (RTN weight-only rounds the
+        same codes from either)."""
         embedding = model.get_input_embeddings()
         storage = embedding.weight.dtype if embedding is not None else torch.float32
-        return cls(storage, backend.compute_dtype(storage))
+        return cls(storage, backend.compute_dtype(storage) if forwards else storage)
 
     def enter(self, layer: nn.Module, device: torch.device) -> None:
         """The layer on the device, in the work dtype."""
@@ -470,7 +477,7 @@ def run_layerwise(
     # the embedding rows the calibration read (of a memory-mapped checkpoint) are not
     # needed again
     backend.release_host_memory(sorted(_host_ranges(model.get_input_embeddings())))
-    precision = Precision.of(model, backend)
+    precision = Precision.of(model, backend, forwards=bool(inputs))
     work_kwargs = precision.cast(kwargs)
     n_error = _error_batches(inputs, error_windows)  # batches keep their sizes layer to layer
     windows = sum(x.shape[0] for x in inputs[:n_error])

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.errors import ConfigError, NonFiniteError
-from qcore.finite import describe_nonfinite, nonfinite_tensors
+from qcore.finite import describe_nonfinite
 from qcore.hostmemory import page_out_file_backed
 from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 
@@ -106,11 +106,11 @@ class StreamedCheckpoint:
                 raise ConfigError(f"checkpoint {self.path}: tensor {name} is missing (not in "
                                   f"{self.tensors.listing})")
 
-    def _fill(self, module: nn.Module, prefix: str, local: list[str], check: bool = False
-              ) -> None:
+    def _fill(self, module: nn.Module, prefix: str, local: list[str]) -> None:
         """Assign the tensors ``local`` of ``module`` (named ``prefix`` in the model) from
-        the checkpoint; with ``check``, each is checked finite and its pages dropped right
-        after (the embedding and head are read whole once, then only a few rows)."""
+        the checkpoint, each checked finite with its pages dropped right after: the
+        embedding and head are read whole once, then only a few rows; a layer's weights are
+        read again only when their linear's turn comes."""
         for name in self._wanted([f"{prefix}{n}" for n in local]):
             stored = self.tensors.get(name)
             owner, _, attr = name[len(prefix):].rpartition(".")
@@ -120,8 +120,7 @@ class StreamedCheckpoint:
                                   f"{list(stored.shape)}, the model's config needs "
                                   f"{list(old.shape)}")
             value = stored.to(self.dtype)
-            if check:
-                _check_finite(name, value)
+            _check_finite(name, value)
             _assign(module, name[len(prefix):], value)
 
     def load_outside(self, layers: list[nn.Module]) -> None:
@@ -130,7 +129,7 @@ class StreamedCheckpoint:
         for name, module in self.model.named_modules():
             if id(module) not in inside:
                 self._fill(module, f"{name}." if name else "",
-                           self._meta_names(module, recurse=False), check=True)
+                           self._meta_names(module, recurse=False))
         if self.tied:
             self.model.tie_weights()
 
@@ -138,13 +137,6 @@ class StreamedCheckpoint:
         """Fill decoder layer ``layer`` (named ``prefix``, e.g. ``model.layers.3.``) from
         the checkpoint and check it is finite."""
         self._fill(layer, prefix, self._meta_names(layer))
-        for name, problem in nonfinite_tensors(layer).items():
-            raise NonFiniteError(_nonfinite_message(f"{prefix}{name}", problem))
-
-
-def _nonfinite_message(name: str, problem: str) -> str:
-    return (f"source weight {name} holds {problem}: the checkpoint is corrupt or was saved "
-            "after a diverged training step; nothing was quantized")
 
 
 #: elements checked at once
@@ -152,13 +144,15 @@ _CHUNK = 1 << 24
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Check a whole (embedding-sized) tensor a chunk at a time, dropping each chunk's
-    pages once read when it is mapped from the checkpoint: the forward needs few rows."""
+    """Check a source tensor a chunk at a time, dropping each chunk's pages once read when
+    it is mapped from the checkpoint (a no-op for a converted copy)."""
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start: start + _CHUNK]
         if not bool(torch.isfinite(chunk).all()):
-            raise NonFiniteError(_nonfinite_message(name, describe_nonfinite(tensor) or ""))
+            raise NonFiniteError(
+                f"source weight {name} holds {describe_nonfinite(tensor)}: the checkpoint is "
+                "corrupt or was saved after a diverged training step; nothing was quantized")
         page_out_file_backed([(chunk.data_ptr(), chunk.numel() * chunk.element_size())])
 
 

@@ -194,6 +194,8 @@ class QcoreLayerWriter(LayerWriter):
         self.layers: dict[str, dict[str, Any]] = {}   # durable: in a written shard
         self.queued: dict[str, dict[str, Any]] = {}   # taken, not yet written
         progress = self._read_progress()
+        if progress is not None and not progress["layers"]:
+            progress = None  # nothing finished: nothing to lose by starting over
         if progress is not None and not resume:
             raise OutputError(
                 f"--save {path}: an interrupted run left {len(progress['layers'])} finished "

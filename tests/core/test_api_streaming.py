@@ -181,3 +181,13 @@ def test_error_windows_zero_runs_no_forward_for_rtn(deep_folder, monkeypatch):
     result = api.quantize(_config(deep_folder, method="rtn", error_windows=0), progress=False)
     assert set(layer_calls) == {0}  # no batch ever went through a layer
     assert all(math.isnan(x.relative_mse) for x in result.report.layers)
+
+
+def test_a_partial_folder_without_finished_layers_is_started_over(deep_folder):
+    partial = deep_folder / ".out.partial"
+    partial.mkdir()
+    (partial / "qcore-progress.json").write_text(json.dumps(
+        {"run": {"other": 1}, "shards": [], "layers": {}}))
+    (partial / "shard-00001.safetensors").write_bytes(b"half-written")
+    result = api.quantize(_config(deep_folder, method="rtn"), progress=False)
+    assert result.saved.is_dir() and not partial.exists()

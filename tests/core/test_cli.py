@@ -217,3 +217,18 @@ def test_export_command_writes_a_serving_format(tiny_folder, capsys):
     assert main(["evaluate", "--model", str(out), "--data", str(tiny_folder / "calib.txt"),
                  "--seq-len", "16", "--windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantized"] is True
+
+
+def test_streaming_flags_reach_the_run(tiny_folder, capsys):
+    out = tiny_folder / "q16"
+    rc = main(rtn_args(tiny_folder, "--dtype", "bfloat16", "--max-shard-size", "20KB",
+                       "--save", str(out), "--json"))
+    assert rc == 0
+    meta = json.loads((out / "qcore.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["run"]["max_shard_size"] == "20KB"
+    assert (out / "model.safetensors.index.json").is_file()
+    capsys.readouterr()
+    rc = main(rtn_args(tiny_folder, "--no-stream", "--resume", "--save", str(tiny_folder / "x")))
+    assert rc == 2 and "--resume continues a layer-by-layer save" in capsys.readouterr().err
+    rc = main(rtn_args(tiny_folder, "--max-shard-size", "lots", "--save", str(tiny_folder / "y")))
+    assert rc == 2 and "--max-shard-size 'lots'" in capsys.readouterr().err
