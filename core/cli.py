@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="next layer's inputs: the quantized or the float layer's outputs "
                         "(default: the method's)")
     p.add_argument("--error-windows", type=int, dest="error_windows", metavar="N",
-                   help="calibration windows each layer's relative MSE is measured on "
+                   help="calibration windows each layer's relative MSE is measured on; 0: "
+                        "none, and RTN weight-only runs no forward at all "
                         f"(default: {_default(run, 'error_windows')})")
     p.add_argument("--save", metavar="DIR",
                    help="output folder, written atomically; must not exist or be empty "
