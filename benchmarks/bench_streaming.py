@@ -156,6 +156,22 @@ def child(peak_file: str, args: list[str]) -> int:
     return qcore_main(args)
 
 
+def matmul_gflops() -> None:
+    """The matmul behind ``Backend.compute_dtype``: a 7B MLP projection (2048 tokens x
+    3584 -> 18944) in each dtype, best of 3."""
+    x, w = torch.randn(2048, 3584), torch.randn(18944, 3584)
+    print("| dtype | seconds | GFLOPS |\n|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a, b = x.to(dtype), w.to(dtype)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            best = min(best, time.perf_counter() - t0)
+        print(f"| {str(dtype).removeprefix('torch.')} | {best:.2f} | "
+              f"{2 * 2048 * 3584 * 18944 / best / 1e9:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
@@ -169,7 +185,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2-layer checkpoints, 8 x 128 calibration (a smoke run)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--matmul", action="store_true",
+                        help="only time a 7B-shape matmul in float32, bf16 and fp16")
     args = parser.parse_args()
+    if args.matmul:
+        matmul_gflops()
+        return
     if args.quick:
         args.layers, args.samples, args.seq_len = 2, 8, 128
     rows = []

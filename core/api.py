@@ -357,6 +357,8 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     backend.install_kernels(model)
     if config.save is not None:
         metadata = _save_metadata(config, scheme, report)
+        if config.max_shard_size:  # as `qcore export` passes it to the format
+            metadata["max_shard_size"] = config.max_shard_size
         try:
             saved = save_model(model, tokenizer, config.save, metadata, format=config.format,
                                plugins=plugins, overwrite=config.overwrite)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -11,10 +13,18 @@ from qcore.errors import NonFiniteError
 _CHUNK = 1 << 24
 
 
-def is_finite(t: torch.Tensor) -> bool:
+def is_finite(t: torch.Tensor,
+              after_chunk: Callable[[torch.Tensor], object] | None = None) -> bool:
+    """Whether every element is finite, checked a chunk at a time; ``after_chunk`` gets
+    each chunk checked (e.g. to drop its pages)."""
     flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i: i + _CHUNK]).all())
-               for i in range(0, flat.numel(), _CHUNK))
+    for i in range(0, flat.numel(), _CHUNK):
+        chunk = flat[i: i + _CHUNK]
+        if not bool(torch.isfinite(chunk).all()):
+            return False
+        if after_chunk is not None:
+            after_chunk(chunk)
+    return True
 
 
 def describe_nonfinite(t: torch.Tensor) -> str | None:

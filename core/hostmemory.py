@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import resource
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,17 @@ def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
     return advised
 
 
-def page_out_tensors(tensors: list[Any]) -> int:
-    """:func:`page_out_file_backed` for the storages of these CPU tensors (those mapped
-    from a file: a checkpoint's, or one just written and read back)."""
-    ranges = []
+def host_ranges(tensors: Iterable[Any]) -> set[tuple[int, int]]:
+    """(address, bytes) of these tensors' storages in host memory (whole storages)."""
+    ranges = set()
     for t in tensors:
         if t.device.type == "cpu" and t.numel():
             storage = t.untyped_storage()
-            ranges.append((storage.data_ptr(), storage.nbytes()))
-    return page_out_file_backed(ranges)
+            ranges.add((storage.data_ptr(), storage.nbytes()))
+    return ranges
+
+
+def page_out_tensors(tensors: Iterable[Any]) -> int:
+    """:func:`page_out_file_backed` for the storages of these CPU tensors (those mapped
+    from a file: a checkpoint's, or one just written and read back)."""
+    return page_out_file_backed(sorted(host_ranges(tensors)))

@@ -33,6 +33,7 @@ from torch import nn
 
 from qcore.errors import NonFiniteError
 from qcore.finite import all_finite, nonfinite_tensors
+from qcore.hostmemory import host_ranges
 from qcore.interfaces import Backend, LayerWriter, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter
 from qcore.models.streaming import release_layer
@@ -352,12 +353,7 @@ def _replay(layer: nn.Module, backend: Backend, precision: Precision,
 
 def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
     """(address, bytes) of the module's tensors in host memory (whole storages)."""
-    ranges = set()
-    for t in (*module.parameters(), *module.buffers()):
-        if t.device.type == "cpu" and t.numel():
-            storage = t.untyped_storage()
-            ranges.add((storage.data_ptr(), storage.nbytes()))
-    return ranges
+    return host_ranges([*module.parameters(), *module.buffers()])
 
 
 def _error_batches(inputs: list[torch.Tensor], windows: int | None) -> int:

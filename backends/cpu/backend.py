@@ -37,7 +37,8 @@ class CPUBackend(Backend):
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """float32 for bf16/fp16 layers on a CPU without native half-precision dot products
         (AVX-512 BF16/FP16 or AMX): oneDNN then falls back to kernels ~10x slower than
-        float32 (measured on AVX2: 14 vs 136 GFLOPS for a 2048 x 3584 x 18944 matmul)."""
+        float32 (on this project's AVX2 CPU: 14 vs 144 GFLOPS for a 2048 x 3584 x 18944
+        matmul, `python benchmarks/bench_streaming.py --matmul`)."""
         probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
                   torch.float16: ("_is_amx_fp16_supported",)}.get(dtype)
         if probes is None or any(getattr(torch.cpu, p, lambda: False)() for p in probes):

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.errors import ConfigError, NonFiniteError
-from qcore.finite import describe_nonfinite
+from qcore.finite import describe_nonfinite, is_finite
 from qcore.hostmemory import page_out_file_backed
 from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 
@@ -57,13 +57,9 @@ def can_stream(path: Path | None) -> bool:
             and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()))
 
 
-def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put ``value`` in place of the (meta) tensor ``name`` of ``module``, keeping whether
-    it is a parameter or a buffer, its dtype and its requires_grad."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    old = getattr(owner, attr)
-    value = value.to(old.dtype)
+def _assign(owner: nn.Module, attr: str, old: torch.Tensor, value: torch.Tensor) -> None:
+    """Put ``value`` in place of ``owner``'s (meta) tensor ``attr`` (``old``), keeping
+    whether it is a parameter or a buffer, and its requires_grad."""
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
@@ -85,14 +81,14 @@ class StreamedCheckpoint:
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-
-    def _wanted(self, names: list[str]) -> list[str]:
-        """The checkpoint names of these model tensors (a tied head comes from the
-        embedding, whether or not the checkpoint repeats it)."""
         head = self.model.get_output_embeddings()
         head_name = next((n for n, m in self.model.named_modules() if m is head), None)
-        skip = {f"{head_name}.weight"} if self.tied and head_name else set()
-        return [n for n in names if n not in skip]
+        #: a tied head comes from the embedding, whether or not the checkpoint repeats it
+        self._not_read = {f"{head_name}.weight"} if self.tied and head_name else set()
+
+    def _wanted(self, names: list[str]) -> list[str]:
+        """The checkpoint names of these model tensors."""
+        return [n for n in names if n not in self._not_read]
 
     def _meta_names(self, module: nn.Module, recurse: bool = True) -> list[str]:
         return [n for n, t in [*module.named_parameters(recurse=recurse),
@@ -113,15 +109,16 @@ class StreamedCheckpoint:
         read again only when their linear's turn comes."""
         for name in self._wanted([f"{prefix}{n}" for n in local]):
             stored = self.tensors.get(name)
-            owner, _, attr = name[len(prefix):].rpartition(".")
-            old = getattr(module.get_submodule(owner) if owner else module, attr)
+            owner_name, _, attr = name[len(prefix):].rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            old = getattr(owner, attr)
             if tuple(stored.shape) != tuple(old.shape):
                 raise ConfigError(f"checkpoint {self.path}: tensor {name} is "
                                   f"{list(stored.shape)}, the model's config needs "
                                   f"{list(old.shape)}")
-            value = stored.to(self.dtype)
+            value = stored.to(old.dtype)  # the skeleton's: ``dtype`` for float tensors
             _check_finite(name, value)
-            _assign(module, name[len(prefix):], value)
+            _assign(owner, attr, old, value)
 
     def load_outside(self, layers: list[nn.Module]) -> None:
         """Load everything outside the decoder layers, check it is finite, tie the head."""
@@ -139,21 +136,17 @@ class StreamedCheckpoint:
         self._fill(layer, prefix, self._meta_names(layer))
 
 
-#: elements checked at once
-_CHUNK = 1 << 24
+def _page_out(chunk: torch.Tensor) -> None:
+    page_out_file_backed([(chunk.data_ptr(), chunk.numel() * chunk.element_size())])
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     """Check a source tensor a chunk at a time, dropping each chunk's pages once read when
     it is mapped from the checkpoint (a no-op for a converted copy)."""
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start: start + _CHUNK]
-        if not bool(torch.isfinite(chunk).all()):
-            raise NonFiniteError(
-                f"source weight {name} holds {describe_nonfinite(tensor)}: the checkpoint is "
-                "corrupt or was saved after a diverged training step; nothing was quantized")
-        page_out_file_backed([(chunk.data_ptr(), chunk.numel() * chunk.element_size())])
+    if not is_finite(tensor, after_chunk=_page_out):
+        raise NonFiniteError(
+            f"source weight {name} holds {describe_nonfinite(tensor)}: the checkpoint is "
+            "corrupt or was saved after a diverged training step; nothing was quantized")
 
 
 def release_layer(layer: nn.Module) -> None:

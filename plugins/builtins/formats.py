@@ -42,15 +42,13 @@ from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
 from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
 from qcore.models.loading import quantization_config
-from qcore.quant.kvcache import restore_kv_quantization
-from qcore.quant.linear import QuantLinear, QuantLinearSpec, build_transform, replace_module
 from qcore_builtins.checkpoints import folder_tokenizer, unique_state_dict
 from qcore_builtins.qcore_writer import (
     QcoreLayerWriter,
     ShardedWriter,
-    check_metadata,
     max_shard_bytes,
     quant_specs,
+    rebuild_quantized,
     tensor_digest,
 )
 
@@ -143,21 +141,25 @@ HEADER = {"format": "pt", HEADER_KEY: str(FORMAT_VERSION)}
 
 def complete_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict[str, Any],
                     tensors: dict[str, dict[str, Any]], linears: dict[str, Any],
-                    kv: dict[str, Any]) -> SavedModel:
+                    kv: dict[str, Any]) -> dict[str, Any]:
     """Write config, tokenizer and qcore.json next to the written shards (``tensors``:
-    their manifest; ``linears``/``kv``: the specs of every quantized module)."""
+    their manifest; ``linears``/``kv``: the specs of every quantized module); the
+    metadata written."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     meta = {**metadata, "format": QcoreFormat.name, "format_version": FORMAT_VERSION,
             "dtype": str(dtype).removeprefix("torch."), "quantized_layers": linears,
             "kv_cache": kv,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "tensors": tensors}
-    check_metadata(meta, QcoreMetadata.model_validate, folder)
+    try:  # never write what would not load
+        QcoreMetadata.model_validate(json.loads(dumps_json(meta)))
+    except ValidationError as exc:
+        raise ValueError(f"metadata for {folder}: {validation_summary(exc)}") from exc
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / METADATA_FILE).write_text(dumps_json(meta, indent=2) + "\n")
-    return SavedModel(path=folder, metadata=meta)
+    return meta
 
 
 class QcoreFormat(Format):
@@ -171,14 +173,15 @@ class QcoreFormat(Format):
     def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
              ) -> SavedModel:
         linears, kv = quant_specs(model)
+        metadata = dict(metadata)
+        max_bytes = max_shard_bytes(metadata.pop("max_shard_size", None))  # not in qcore.json
         with atomic_directory(path) as tmp:
-            shards = ShardedWriter(tmp, max_shard_bytes(metadata.get("max_shard_size")),
-                                   HEADER)
+            shards = ShardedWriter(tmp, max_bytes, HEADER)
             for name, tensor in unique_state_dict(model).items():
                 shards.add({name: tensor})
-            saved = complete_folder(tmp, model, tokenizer, metadata, shards.close(),
-                                    linears, kv)
-        return SavedModel(path=Path(path), metadata=saved.metadata)
+            meta = complete_folder(tmp, model, tokenizer, metadata, shards.close(),
+                                   linears, kv)
+        return SavedModel(path=Path(path), metadata=meta)
 
     def layer_writer(self, path: Path, run: dict[str, Any], resume: bool = False,
                      max_shard_size: str | None = None) -> LayerWriter:
@@ -222,11 +225,8 @@ class QcoreFormat(Format):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if meta.get("attn_implementation"):  # same kernel as at save time: bit-exact outputs
             config._attn_implementation = meta["attn_implementation"]
-        for name, raw in meta["quantized_layers"].items():
-            spec = QuantLinearSpec.model_validate(raw)
-            transform = build_transform(spec.input_transform, modules, name)
-            replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
-        restore_kv_quantization(model, meta.get("kv_cache", {}), modules)
+        rebuild_quantized(model, meta["quantized_layers"], meta.get("kv_cache", {}), modules,
+                          dtype)
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
             raise SavedModelError(f"{path}: tensors the model has no place for: "

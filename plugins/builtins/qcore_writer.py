@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qcore.config import validation_summary
 from qcore.errors import ConfigError, OutputError
 from qcore.hostmemory import page_out_tensors
 from qcore.interfaces import LayerWriter, SavedModel
@@ -82,6 +80,17 @@ def quant_specs(module: nn.Module, prefix: str = "", skip_under: tuple[str, ...]
           for n, m in attention_modules(module).items()
           if isinstance(getattr(m, "qcore_kv", None), KVCacheQuantizer) and kept(f"{prefix}{n}")}
     return linears, kv
+
+
+def rebuild_quantized(model: nn.Module, linears: dict[str, Any], kv: dict[str, Any],
+                      modules: dict[str, type[nn.Module]], dtype: torch.dtype) -> None:
+    """Empty QuantLinears and KV-cache quantizers in place, from their saved specs (their
+    tensors are assigned afterwards)."""
+    for name, raw in linears.items():
+        spec = QuantLinearSpec.model_validate(raw)
+        transform = build_transform(spec.input_transform, modules, name)
+        replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
+    restore_kv_quantization(model, kv, modules)
 
 
 @contextmanager
@@ -183,10 +192,11 @@ class QcoreLayerWriter(LayerWriter):
     """The qcore format written one decoder layer at a time (see the module docstring).
 
     ``complete`` writes config, tokenizer and qcore.json into the folder given the
-    manifest and the specs of the layers; the format supplies it."""
+    manifest and the specs of the layers, and returns the metadata; the format supplies
+    it."""
 
     def __init__(self, path: Path, run: dict[str, Any], resume: bool, max_bytes: int,
-                 header: dict[str, str], complete: Callable[..., SavedModel]) -> None:
+                 header: dict[str, str], complete: Callable[..., dict[str, Any]]) -> None:
         self.target = Path(path).absolute()
         self.partial = self.target.with_name(f".{self.target.name}.partial")
         self.run = json.loads(dumps_json(run))
@@ -253,13 +263,8 @@ class QcoreLayerWriter(LayerWriter):
     def restore(self, model: nn.Module, prefix: str, modules: dict[str, type[nn.Module]]
                 ) -> None:
         entry = self.layers[prefix]
-        dtype = next(model.parameters()).dtype
-        for name, raw in entry["quantized_layers"].items():
-            spec = QuantLinearSpec.model_validate(raw)
-            transform = build_transform(spec.input_transform, modules, name)
-            replace_module(model, name, QuantLinear(spec, input_transform=transform,
-                                                    dtype=dtype))
-        restore_kv_quantization(model, entry["kv_cache"], modules)
+        rebuild_quantized(model, entry["quantized_layers"], entry["kv_cache"], modules,
+                          next(model.parameters()).dtype)
         state = {}
         for shard in self.shards.shards:
             names = [n for n in shard["tensors"] if n.startswith(f"{prefix}.")]
@@ -291,10 +296,10 @@ class QcoreLayerWriter(LayerWriter):
             for entry in written.values():
                 linears.update(entry["quantized_layers"])
                 kv.update(entry["kv_cache"])
-            saved = self.complete(self.partial, model, tokenizer, metadata, entries, linears,
-                                  kv)
+            meta = self.complete(self.partial, model, tokenizer, metadata, entries, linears,
+                                 kv)
         replace_directory(self.partial, self.target)
-        return SavedModel(path=self.target, metadata=saved.metadata)
+        return SavedModel(path=self.target, metadata=meta)
 
     def discard(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -302,11 +307,3 @@ class QcoreLayerWriter(LayerWriter):
 
 def max_shard_bytes(size: str | None) -> int:
     return parse_size(size or DEFAULT_MAX_SHARD_SIZE)
-
-
-def check_metadata(meta: dict[str, Any], validate: Callable[[Any], Any], path: Path) -> None:
-    """Never write what would not load: ``validate`` the metadata as it will be read."""
-    try:
-        validate(json.loads(dumps_json(meta)))
-    except ValidationError as exc:
-        raise ValueError(f"metadata for {path}: {validation_summary(exc)}") from exc

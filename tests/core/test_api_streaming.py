@@ -58,8 +58,10 @@ def test_streaming_saves_the_model_the_in_memory_path_saves(deep_folder, method)
         assert torch.equal(streamed.model(ids).logits, whole.model(ids).logits)
 
 
-def test_many_shards_get_an_index_and_load_back(deep_folder):
-    result = api.quantize(_config(deep_folder, max_shard_size="20KB"), progress=False)
+@pytest.mark.parametrize("stream", [True, False])
+def test_many_shards_get_an_index_and_load_back(deep_folder, stream):
+    result = api.quantize(_config(deep_folder, max_shard_size="20KB", stream=stream),
+                          progress=False)
     index = json.loads((result.saved / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 5 and shards[0].startswith("model-00001-of-")

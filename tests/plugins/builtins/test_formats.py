@@ -158,3 +158,4 @@ def test_manifest_lists_every_tensor_with_its_digest(saved):
         assert meta["tensors"][name] == {"shape": list(t.shape),
                                          "dtype": str(t.dtype).removeprefix("torch."),
                                          "sha256": tensor_digest(t)}
+
