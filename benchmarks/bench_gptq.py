@@ -54,8 +54,39 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     quant_rss = peak_rss_mb()
     hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
     detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
+    losses = {f"{layer.name.removeprefix('model.')}.{key.removesuffix('.loss')}": value
+              for layer in report.layers for key, value in layer.stats.items()
+              if key.endswith(".loss") and method == "gptq"}
     ppl = window_perplexity(model, torch.load(a.eval), batch_size=1)
-    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": detail}
+    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": detail,
+            "losses": losses}
+
+
+def record_llmc_losses(model, seq_len: int) -> dict:
+    """Patch llm-compressor's GPTQ entry points to record each linear's objective
+    tr((W - Q) H (W - Q)^T) with H normalised per token as qcore's is (the peer divides by
+    sequences, so its H is seq_len times larger). Returns the dict it fills."""
+    from llmcompressor.modifiers.gptq import base
+
+    names = {module: name for name, module in model.named_modules()}
+    losses: dict[str, float] = {}
+    pending: list[list[str]] = []
+    prepare, solve = base.prepare_batch, base.quantize_weight
+
+    def prepare_batch(batch, *args, **kwargs):
+        pending.append([names[m] for m in batch])
+        return prepare(batch, *args, **kwargs)
+
+    def quantize_weight(*, weights, hessians, **kwargs):
+        W, H = weights.clone().double(), hessians.clone().double() / seq_len
+        out = solve(weights=weights, hessians=hessians, **kwargs)
+        delta = W - out[0].double()
+        for name, d, h in zip(pending.pop(0), delta, H, strict=True):
+            losses[name.removeprefix("model.")] = float(((d @ h) * d).sum())
+        return out
+
+    base.prepare_batch, base.quantize_weight = prepare_batch, quantize_weight
+    return losses
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
@@ -78,10 +109,37 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                           block_size=128, dampening_frac=0.01,
                           actorder="static" if a.act_order else None)
+    losses = record_llmc_losses(model, calib.shape[1])
     seconds = llmc_oneshot(model, tokenizer, calib, recipe)
     quant_rss = peak_rss_mb()
     ppl = window_perplexity(model, eval_ids, batch_size=1)
-    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": ""}
+    return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": "",
+            "losses": losses}
+
+
+def print_losses(rows: list[tuple[str, dict]], first: int) -> None:
+    """Per-linear GPTQ objective of each side, and qcore's over the peer's per layer."""
+    have = [(name, r["losses"]) for name, r in rows if r.get("losses")]
+    if len(have) < 2:
+        return
+    (qname, q), (pname, peer) = have[0], have[-1]
+    common = [k for k in q if k in peer]
+    if not common:
+        return
+    print(f"\nGPTQ objective tr((W-Q) H (W-Q)^T), H per token; {qname} / {pname}")
+    layers: dict[str, list[str]] = {}
+    for key in common:
+        layers.setdefault(key.rsplit(".", 2)[0], []).append(key)
+    for i, (layer, keys) in enumerate(layers.items()):
+        ratios = " ".join(f"{k.split('.')[-1]}={q[k] / peer[k]:.3f}" for k in keys
+                          if peer[k] > 0)
+        qs, ps = sum(q[k] for k in keys), sum(peer[k] for k in keys)
+        if i < first or i == len(layers) - 1:
+            print(f"{layer:<12} qcore {qs:>11.4g} peer {ps:>11.4g} ratio {qs / ps:6.3f}  "
+                  f"{ratios}")
+    total_q, total_p = sum(q[k] for k in common), sum(peer[k] for k in common)
+    print(f"{'all':<12} qcore {total_q:>11.4g} peer {total_p:>11.4g} ratio "
+          f"{total_q / total_p:6.3f}")
 
 
 # ----------------------------------------------------------------------------- parent
@@ -112,6 +170,8 @@ def main() -> None:
     p.add_argument("--rtn", action="store_true", help="add a qcore RTN row (same scheme)")
     p.add_argument("--qcore-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra qcore gptq option, e.g. true_sequential=false (repeatable)")
+    p.add_argument("--loss-layers", type=int, default=30,
+                   help="decoder layers whose per-linear objective ratio is printed")
     p.add_argument("--worker", choices=["qcore", "qcore-rtn", "llmc"], help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
     p.add_argument("--eval", help=argparse.SUPPRESS)
@@ -159,6 +219,7 @@ def main() -> None:
             continue
         print(f"{name:<30} {r['ppl']:>8.2f} {r['seconds']:>9.1f} {r['quant_rss_mb']:>13.0f} "
               f"{r['wall']:>10.1f} {r['rss_mb']:>15.0f}  {r.get('detail', '')}")
+    print_losses(rows, a.loss_layers)
 
 
 if __name__ == "__main__":

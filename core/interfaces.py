@@ -8,6 +8,7 @@ with ``extra="forbid"`` so that a misspelt option fails before any work is done.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -109,6 +110,14 @@ class Quantizer(ABC):
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         """Called once before the layer loop (e.g. to patch attention for KV quantization)."""
+
+    def float_pass_hooks(self, ctx: LayerContext) -> dict[str, Callable[..., None]]:
+        """Hooks ``fn(name, module, x, y)`` by submodule name for the pipeline's pass of the
+        float layer, which then runs over every calibration batch (it also gives the
+        reference outputs): a method that needs statistics of the float layer's
+        activations collects them there instead of running a pass of its own. Default:
+        none, and the pipeline runs the float layer only where it measures the error."""
+        return {}
 
     @abstractmethod
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:

@@ -150,6 +150,10 @@ class LayerContext:
     log: logging.Logger = field(default_factory=lambda: log)
     #: the float layer's outputs on the first len(reference_outputs) batches
     reference_outputs: list[torch.Tensor] = field(default_factory=list)
+    #: the quantized layer's outputs on every batch, when the quantizer assembled them
+    #: along the way (the pipeline then skips its own forward of the quantized layer);
+    #: they must be what that forward gives
+    quantized_outputs: list[torch.Tensor] | None = None
 
     @property
     def fp_outputs(self) -> list[torch.Tensor]:
@@ -169,10 +173,12 @@ class LayerContext:
         inputs: list[torch.Tensor] | None = None,
         batches: int | None = None,
         out_dtype: torch.dtype | None = None,
+        keep_first: int | None = None,
     ) -> list[torch.Tensor]:
         """Run every cached batch (or the first ``batches``) through the layer;
         ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name``
-        for each batch. ``out_dtype``: keep the outputs in it (cast batch by batch)."""
+        for each batch. ``out_dtype``: keep the outputs in it (cast batch by batch);
+        ``keep_first``: keep only the first that many."""
         handles = []
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
@@ -189,7 +195,7 @@ class LayerContext:
                              strict=True))
             for x, kw in pairs[:batches]:
                 y = _hidden(self.layer(x, **kw))
-                if keep_outputs:
+                if keep_outputs and (keep_first is None or len(outputs) < keep_first):
                     outputs.append(y if out_dtype is None else y.to(out_dtype))
         finally:
             for h in handles:
@@ -510,10 +516,22 @@ def run_layerwise(
                                kwargs=work_kwargs, adapter=adapter, scheme=quantizer.scheme,
                                backend=backend, plugins=plugins)
             with cached_dequantization():  # the layer runs several times; dequantize once
-                ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
+                hooks = quantizer.float_pass_hooks(ctx)
+                if hooks:  # every batch runs; the outputs kept are those needed
+                    ctx.reference_outputs = ctx.forward(hooks,
+                                                        keep_first=None if all_fp else n_error)
+                else:
+                    ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
+                del hooks
                 stats = quantizer.quantize_layer(ctx) or {}
-                q_outputs = ctx.forward(batches=None if need_q else n_error,
-                                        out_dtype=precision.storage)
+                q_outputs = ctx.quantized_outputs
+                if q_outputs is None:
+                    q_outputs = ctx.forward(batches=None if need_q else n_error,
+                                            out_dtype=precision.storage)
+                else:
+                    ctx.quantized_outputs = None
+                    q_outputs = [y.to(precision.storage)
+                                 for y in q_outputs[:None if need_q else n_error]]
             if not all_finite(q_outputs):
                 raise NonFiniteError(_nonfinite_cause(name, quantizer.name, layer, inputs,
                                                       ctx.reference_outputs))

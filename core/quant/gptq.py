@@ -221,11 +221,13 @@ def gptq_quantize(
     cholesky_inverse: Cholesky | None = None,
     factor: HessianFactor | None = None,
     name: str = "linear",
+    loss: bool = True,
 ) -> GPTQResult:
     """Quantize a (out, in) weight given its input Hessian; see the module docstring.
 
     ``factor``: :func:`factor_hessian` of this H with the same act_order and dampening
-    (computed here when not given)."""
+    (computed here when not given). ``loss=False`` skips the objective (NaN in the result):
+    a caller that stacked several linears' rows scores each one itself."""
     if args.granularity not in ("channel", "group"):
         raise ValueError(f"{name}: GPTQ quantizes weights per channel or per group, not "
                          f"{args.granularity!r}")
@@ -324,6 +326,6 @@ def gptq_quantize(
         g_idx[perm] = col_group.to(torch.int32)
     else:
         g_idx = col_group.to(torch.int32)
-    loss = objective(weight, Q, H0)
     return GPTQResult(Q=Q, scale=scales, zero=zeros, g_idx=g_idx, perm=perm, damp=factor.damp,
-                      damp_raises=factor.damp_raises, dead=n_dead, loss=loss)
+                      damp_raises=factor.damp_raises, dead=n_dead,
+                      loss=objective(weight, Q, H0) if loss else math.nan)

@@ -24,7 +24,6 @@ from qcore.models.adapter import LayerRoles
 from qcore.pipeline import LayerContext
 from qcore.quant.gptq import (
     HessianAccumulator,
-    HessianFactor,
     factor_hessian,
     gptq_quantize,
     objective,
@@ -46,6 +45,12 @@ class GPTQConfig(GPTQSolverConfig):
     skip: LayerNameList = Field(
         default_factory=list,
         description="linear names (relative to a decoder layer) left in full precision")
+    reuse_budget_mb: float = Field(
+        default=1024.0, ge=0.0,
+        description="MB of activations the passes may keep (down_proj's inputs and the "
+                    "residual stream: tokens x (intermediate + hidden) x 4 bytes) to assemble "
+                    "the quantized layer's outputs without running the layer again; when they "
+                    "do not fit, the pipeline runs it (0: always)")
 
 
 def _common_parent(names: list[str]) -> str:
@@ -203,6 +208,8 @@ class GPTQQuantizer(Quantizer):
         stats: dict[str, Any] = {}
         entry, entry_inputs = "", None
         o_inputs: list[torch.Tensor | None] | None = None
+        reuse = self._reuse_fits(ctx, roles)
+        residuals: list[torch.Tensor] | None = None  # x + o_proj(o_in), per batch when reused
         hessian_seconds = 0.0
         total_loss = 0.0
         total_rtn = 0.0
@@ -218,68 +225,105 @@ class GPTQQuantizer(Quantizer):
                     capture = parent
             t0 = time.perf_counter()
             if o_inputs is not None and capture == _mlp_of(roles):
-                rebuilt = _mlp_inputs_from_o(ctx, o_inputs)
+                rebuilt = _mlp_inputs_from_o(ctx, o_inputs, keep_residuals=reuse)
                 if rebuilt is not None:
-                    entry, entry_inputs = capture, rebuilt
+                    (entry, entry_inputs), residuals = (capture, rebuilt[0]), rebuilt[1]
                 del rebuilt
             o_inputs = None
             keep = None
             if k + 1 < len(groups) and _mlp_of(roles) and group == [roles.o]:
                 keep = roles.o
+            last_down = (k == len(groups) - 1 and residuals is not None
+                         and group == [roles.down] and entry == roles.mlp)
+            if last_down:  # the layer's outputs come from this pass's activations
+                keep = roles.down
             stage = _Stage(ctx, group, static_act, keep=keep)
             captured = stage.run(entry, entry_inputs, capture)
             entry_inputs = None  # let the previous pass's activations go
-            if keep is not None and len(stage.kept) == len(ctx.inputs):
+            if keep == roles.o and len(stage.kept) == len(ctx.inputs):
                 o_inputs, stage.kept = stage.kept, []
             hessian_seconds += time.perf_counter() - t0
             entry, entry_inputs = (capture, captured) if capture else ("", None)
             del captured
-            factors: dict[int, HessianFactor] = {}  # one per shared Hessian
+            # linears fed the same input share one Hessian: one factorisation, and their
+            # weights stacked row-wise go through one solve (GPTQ treats rows independently)
+            shared: dict[int, list[str]] = {}
             for name in group:
+                shared.setdefault(id(stage.hessian(name)), []).append(name)
+            for names in shared.values():
                 t1 = time.perf_counter()
-                linear = ctx.submodule(name)
-                acc = stage.hessian(name)
-                if id(acc) not in factors:
-                    # the passes' freed activations fragment the heap; hand them back
-                    # before the columns x columns temporaries (three of 321 MB at 8960)
-                    ctx.backend.empty_cache()
-                    factors[id(acc)] = factor_hessian(
-                        acc.H, act_order=cfg.act_order, damp=cfg.damp, damp_step=cfg.damp_step,
-                        damp_max_steps=cfg.damp_max_steps, cholesky=ctx.backend.cholesky,
-                        cholesky_inverse=ctx.backend.cholesky_inverse,
-                        name=f"{ctx.name}.{name}")
+                acc = stage.hessian(names[0])
+                linears = [ctx.submodule(n) for n in names]
+                # the passes' freed activations fragment the heap; hand them back before
+                # the columns x columns temporaries (three of 321 MB at 8960)
+                ctx.backend.empty_cache()
+                label = f"{ctx.name}.{'/'.join(names)}"
+                factor = factor_hessian(
+                    acc.H, act_order=cfg.act_order, damp=cfg.damp, damp_step=cfg.damp_step,
+                    damp_max_steps=cfg.damp_max_steps, cholesky=ctx.backend.cholesky,
+                    cholesky_inverse=ctx.backend.cholesky_inverse, name=label)
+                weight = linears[0].weight if len(linears) == 1 else \
+                    torch.cat([lin.weight for lin in linears])
                 result = gptq_quantize(
-                    linear.weight, acc.H, self.scheme.weights, block_size=cfg.block_size,
+                    weight, acc.H, self.scheme.weights, block_size=cfg.block_size,
                     act_order=cfg.act_order, static_groups=cfg.static_groups, mse=mse,
-                    factor=factors[id(acc)], name=f"{ctx.name}.{name}")
-                rtn = objective(linear.weight,
-                                fake_quantize_weight(linear.weight.float(), self.scheme.weights),
-                                acc.H)
-                q = QuantLinear.from_solved(
-                    linear, SolvedWeight(result.Q, result.scale, result.zero, result.g_idx),
-                    self.scheme.weights, activations=self.scheme.activations)
-                if static_act:
-                    m = stage.input_absmax(name).max()
-                    stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
-                ctx.replace(name, q)
-                total_loss += result.loss
-                total_rtn += rtn
-                stats[f"{name}.loss"] = result.loss
-                stats[f"{name}.rtn_loss"] = rtn
-                stats[f"{name}.damp"] = result.damp
-                if result.damp_raises:
-                    stats[f"{name}.damp_raises"] = result.damp_raises
-                if result.dead:
-                    stats[f"{name}.dead_inputs"] = result.dead
-                stats[f"{name}.seconds"] = time.perf_counter() - t1
-                ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
-                              ctx.name, name, result.loss, rtn, result.damp, acc.tokens)
-            del stage, factors
+                    factor=factor, name=label, loss=False)
+                del weight, factor
+                solve_seconds = time.perf_counter() - t1
+                start = 0
+                for name, linear in zip(names, linears, strict=True):
+                    rows = slice(start, start + linear.out_features)
+                    start = rows.stop
+                    Q = result.Q[rows]
+                    loss = objective(linear.weight, Q, acc.H)
+                    rtn = objective(linear.weight, fake_quantize_weight(
+                        linear.weight.float(), self.scheme.weights), acc.H)
+                    # own copies: a view of the stacked result would share its storage
+                    # with the other linears' tensors (and be saved as one)
+                    q = QuantLinear.from_solved(
+                        linear, SolvedWeight(Q, result.scale[rows].clone(),
+                                             result.zero[rows].clone(), result.g_idx.clone()),
+                        self.scheme.weights, activations=self.scheme.activations)
+                    if static_act:
+                        m = stage.input_absmax(name).max()
+                        stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
+                    ctx.replace(name, q)
+                    total_loss += loss
+                    total_rtn += rtn
+                    stats[f"{name}.loss"] = loss
+                    stats[f"{name}.rtn_loss"] = rtn
+                    stats[f"{name}.damp"] = result.damp
+                    if result.damp_raises:
+                        stats[f"{name}.damp_raises"] = result.damp_raises
+                    if result.dead:
+                        stats[f"{name}.dead_inputs"] = result.dead
+                    # a shared solve's time, split by rows
+                    stats[f"{name}.seconds"] = solve_seconds * linear.out_features / len(
+                        result.Q)
+                    ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
+                                  ctx.name, name, loss, rtn, result.damp, acc.tokens)
+                del result
+            if last_down:
+                assert residuals is not None
+                if len(stage.kept) == len(ctx.inputs):
+                    ctx.quantized_outputs = _assemble_outputs(ctx, roles, residuals,
+                                                              stage.kept)
+                residuals = None
+            del stage
         ctx.backend.empty_cache()  # the solver's temporaries fragment the heap
         stats["loss"] = total_loss
         stats["rtn_loss"] = total_rtn
         stats["hessian_seconds"] = hessian_seconds
         return stats
+
+    def _reuse_fits(self, ctx: LayerContext, roles: LayerRoles) -> bool:
+        """Whether down_proj's inputs and the residual stream of every batch fit the
+        budget (in float32, the precision the layer runs in)."""
+        if roles.down is None or _mlp_of(roles) is None:
+            return False
+        tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
+        features = ctx.submodule(roles.down).in_features + ctx.inputs[0].shape[-1]
+        return tokens * features * 4 <= self.config.reuse_budget_mb * 2**20
 
 
 def _mlp_of(roles: LayerRoles) -> str | None:
@@ -290,12 +334,14 @@ def _mlp_of(roles: LayerRoles) -> str | None:
     return None
 
 
-def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
-                       ) -> list[tuple[tuple, dict]] | None:
-    """The MLP's inputs of a pre-norm residual layer, ``norm2(x + o_proj(o_in))``, from the
-    o_proj inputs kept by the previous pass: the gate/up pass then skips q/k/v and the
-    attention. Checked against the real layer on the first batch; None (run the layer)
-    when the layer computes something else."""
+def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None],
+                       keep_residuals: bool = False
+                       ) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor] | None] | None:
+    """The MLP's inputs of a pre-norm residual layer, ``norm2(h)`` with the residual stream
+    ``h = x + o_proj(o_in)``, from the o_proj inputs kept by the previous pass: the gate/up
+    pass then skips q/k/v and the attention. Returns the MLP inputs and (when
+    ``keep_residuals``) h per batch. Checked against the real layer on the first batch;
+    None (run the layer) when the layer computes something else."""
     roles = ctx.adapter.roles()
     o_proj, norm = ctx.submodule(roles.o), ctx.submodule(roles.mlp_norm)
     real: list[torch.Tensor] = []
@@ -311,14 +357,36 @@ def _mlp_inputs_from_o(ctx: LayerContext, o_inputs: list[torch.Tensor | None]
         pass
     finally:
         handle.remove()
-    if not real or not torch.allclose(norm(ctx.inputs[0] + o_proj(o_inputs[0])), real[0],
-                                      rtol=1e-5, atol=1e-6):
+    first = ctx.inputs[0] + o_proj(o_inputs[0])
+    if not real or not torch.allclose(norm(first), real[0], rtol=1e-5, atol=1e-6):
         ctx.log.debug("%s: the MLP input is not norm2(x + o_proj(o_in)); running the layer",
                       ctx.name)
         return None
-    rebuilt = [((real[0],), {})]
+    rebuilt, residuals = [((real[0],), {})], [first]
     o_inputs[0] = None  # consumed as we go: one extra activation buffer, not two
     for b in range(1, len(o_inputs)):
-        rebuilt.append(((norm(ctx.inputs[b] + o_proj(o_inputs[b])),), {}))
+        h = ctx.inputs[b] + o_proj(o_inputs[b])
         o_inputs[b] = None
-    return rebuilt
+        rebuilt.append(((norm(h),), {}))
+        if keep_residuals:
+            residuals.append(h)
+    return rebuilt, residuals if keep_residuals else None
+
+
+def _assemble_outputs(ctx: LayerContext, roles: LayerRoles, residuals: list[torch.Tensor],
+                      down_inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The quantized layer's outputs ``h + down_proj(down_in)`` from the residual stream and
+    down_proj's inputs the last passes kept (consumed), without running the layer again.
+    Checked against the real layer on the first batch; None (the pipeline runs the layer)
+    if they differ."""
+    down = ctx.submodule(roles.down)
+    outputs = []
+    for b in range(len(residuals)):
+        outputs.append(residuals[b].add_(down(down_inputs[b])))
+        residuals[b] = down_inputs[b] = None  # type: ignore[call-overload]
+    real = ctx.forward(batches=1)[0]
+    if not torch.allclose(outputs[0], real, rtol=1e-5, atol=1e-6):
+        ctx.log.debug("%s: the layer's output is not h + mlp(norm2(h)); running the layer",
+                      ctx.name)
+        return None
+    return outputs

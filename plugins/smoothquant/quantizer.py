@@ -101,14 +101,38 @@ def fold_scales(layer: nn.Module, group: LinearGroup, scales: torch.Tensor) -> N
                scales, group.kind)
 
 
+def smoothing_groups(ctx: LayerContext, smooth_linears: bool) -> list[LinearGroup]:
+    return [g for g in ctx.adapter.smooth_groups(ctx.layer) if g.kind == "norm" or smooth_linears]
+
+
+class AbsmaxObserver:
+    """max |x| per input channel of the hooked submodules, over every token seen: hooks
+    for the pipeline's float pass (``Quantizer.float_pass_hooks``)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def hooks(self) -> dict[str, Any]:
+        return {n: self._observe for n in self.names}
+
+    def _observe(self, name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
+        cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        prev = self.absmax.get(name)
+        self.absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+
+
 @torch.no_grad()
-def smooth_layer(ctx: LayerContext, alpha: float, smooth_linears: bool) -> dict[str, Any]:
-    """Collect activation maxima with hooks, compute and fold the factors of each group."""
-    groups = [g for g in ctx.adapter.smooth_groups(ctx.layer)
-              if g.kind == "norm" or smooth_linears]
+def smooth_layer(ctx: LayerContext, alpha: float, smooth_linears: bool,
+                 absmax: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Compute and fold the factors of each group from the activation maxima (``absmax``,
+    by the first linear of each group; collected with a pass of the layer when not
+    given)."""
+    groups = smoothing_groups(ctx, smooth_linears)
     if not groups:
         return {}
-    absmax = ctx.input_absmax(_act_stat_names(groups))
+    if absmax is None:
+        absmax = ctx.input_absmax(_act_stat_names(groups))
     stats: dict[str, Any] = {}
     for group in groups:
         a = absmax[group.linears[0]]
@@ -167,6 +191,7 @@ class SmoothQuantQuantizer(Quantizer):
     def __init__(self, config: SmoothQuantConfig, scheme: QuantScheme) -> None:
         super().__init__(config, scheme)
         self.solver: WeightSolver | None = None
+        self._observer: AbsmaxObserver | None = None
 
     def bind(self, plugins: Any) -> None:
         """The weight solver, from the run's plugin manager, with validated options."""
@@ -186,8 +211,16 @@ class SmoothQuantQuantizer(Quantizer):
         if kv is not None:
             enable_kv_quantization(model, KVCacheSpec(keys=kv, values=kv))
 
+    def float_pass_hooks(self, ctx: LayerContext) -> dict[str, Any]:
+        """The activation maxima come from the pipeline's pass of the float layer."""
+        names = _act_stat_names(smoothing_groups(ctx, self.config.smooth_linears))
+        self._observer = AbsmaxObserver(names)
+        return self._observer.hooks()
+
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
-        stats = smooth_layer(ctx, self.config.alpha, self.config.smooth_linears)
+        observer, self._observer = self._observer, None
+        absmax = observer.absmax if observer is not None and observer.absmax else None
+        stats = smooth_layer(ctx, self.config.alpha, self.config.smooth_linears, absmax)
         if not self.config.quantize:
             return stats
         floats = {n: ctx.submodule(n) for n in ctx.adapter.linear_names()

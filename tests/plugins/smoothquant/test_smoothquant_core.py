@@ -262,3 +262,41 @@ def test_a_solver_that_cannot_produce_the_scheme_is_refused_up_front(plugins):
         build_quantizer("smoothquant", scheme, {"weight_method": "gptq"}, plugins)
     with pytest.raises(ConfigError, match="no solver named 'awq'; available: gptq, rtn"):
         build_quantizer("smoothquant", get_scheme("W8A8"), {"weight_method": "awq"}, plugins)
+
+
+@pytest.mark.parametrize("smooth_linears", [False, True])
+def test_statistics_from_the_pipelines_float_pass(tiny_model, plugins, calib_ids,
+                                                  smooth_linears):
+    """The activation maxima collected by hooks on the pipeline's float pass give the same
+    model as a pass of smoothquant's own, and the layer runs one float pass fewer."""
+    from qcore_smoothquant.quantizer import SmoothQuantQuantizer
+
+    class OwnPass(SmoothQuantQuantizer):
+        name = "smoothquant-own-pass"
+
+        def float_pass_hooks(self, ctx):
+            return {}
+
+    other = copy.deepcopy(tiny_model)
+    options = {"smooth_linears": smooth_linears}
+    counts = []
+    for model, cls in ((tiny_model, None), (other, OwnPass)):
+        quantizer = build_quantizer("smoothquant", get_scheme("W8A8"), options, plugins)
+        if cls is not None:
+            quantizer.__class__ = cls
+        calls = [0]
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        run_layerwise(model, quantizer, adapter_for(model, plugins), CPUBackend(), calib_ids,
+                      plugins=plugins, batch_size=2, progress=False)
+        counts.append(calls[0])
+    # per layer and batch of 2: the float pass and the quantized outputs; with a pass of
+    # its own, the error reference (the first 4 windows: 2 batches) runs too; the first
+    # layer's hook also fires once per batch while its inputs are captured
+    layers, batches = len(tiny_model.model.layers), -(-calib_ids.shape[0] // 2)
+    assert counts == [batches + layers * 2 * batches, batches + layers * (2 * batches + 2)]
+    ours = {n: m for n, m in tiny_model.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {n: m for n, m in other.named_modules() if isinstance(m, QuantLinear)}
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert torch.equal(ours[name].dequantize(), theirs[name].dequantize()), name

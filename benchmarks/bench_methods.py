@@ -1,0 +1,248 @@
+"""Every method at its defaults, qcore vs llm-compressor, side by side on SmolLM2-135M.
+
+    python benchmarks/bench_methods.py                    # the whole table (hours: see below)
+    python benchmarks/bench_methods.py --quick            # smoke run, a few minutes
+    python benchmarks/bench_methods.py --rows gptq:W4A16,gptq:W3A16 --markdown
+
+Each cell (method x scheme x side) runs in its own process, one after the other, so
+that the parent reads each one's peak RSS (os.wait4) and nothing runs beside it. qcore
+runs ``--method X`` with no options (the product's defaults; ``--qcore-set
+method.key=value`` overrides one); llm-compressor 0.14 (its own venv, /work/llmc-venv)
+runs its default modifier for the same scheme: QuantizationModifier (RTN), GPTQModifier,
+AWQModifier + QuantizationModifier, SmoothQuantModifier + QuantizationModifier. FlatQuant
+has no llm-compressor counterpart.
+
+Data (both sides get the same token ids, written once by the parent): SmolLM2-135M-Instruct
+in float32; calibration = N consecutive 512-token windows of the head of
+../shared/data/wiki_en.txt (N = --samples, 128; AWQ --awq-samples, 32, on both sides,
+because the peer's AWQ takes ~18 min at 32); evaluation = perplexity on the first
+--eval-windows 512-token windows of the tail, by one function on both sides. Schemes
+(qcore presets; the peer's equivalents): W4A16/W3A16 asymmetric weights in groups of 64
+(SmolLM2's hidden size 576 is no multiple of 128); W8A8 int8 symmetric per-channel
+weights, dynamic symmetric per-token activations; W4A4 int4 symmetric per-channel weights,
+dynamic asymmetric per-token activations. 2 threads per side.
+
+"seconds" is the quantization call only (model load and evaluation excluded), "RSS" the
+process's peak resident set (load and evaluation included); the ratios are qcore / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import (
+    llmc_oneshot,
+    load_fp32,
+    quantize_with_qcore,
+    run_measured,
+    window_perplexity,
+    write_wiki_windows,
+)
+
+HERE = Path(__file__).resolve()
+PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+GROUP = 64
+
+#: the issue's grid: method -> schemes
+DEFAULT_ROWS = ("rtn:W4A16,rtn:W3A16,gptq:W4A16,gptq:W3A16,awq:W4A16,awq:W3A16,"
+                "rtn:W8A8,smoothquant:W8A8,rtn:W4A4,smoothquant:W4A4,flatquant:W4A4")
+#: llm-compressor has these; the others are qcore only
+PEER_METHODS = {"rtn", "gptq", "awq", "smoothquant"}
+#: --quick: every cell runs, on a few short windows, FlatQuant trained for one epoch
+QUICK = {"samples": 4, "awq_samples": 4, "seq_len": 128, "eval_windows": 4,
+         "qcore_set": ["flatquant.epochs=1"]}
+
+
+# ----------------------------------------------------------------------------- workers
+def qcore_scheme(name: str):
+    from qcore.schemes import get_scheme
+
+    return get_scheme(name, GROUP if name.endswith("A16") else None)
+
+
+def worker_qcore(a: argparse.Namespace) -> dict:
+    import torch
+
+    eval_ids = torch.load(a.eval)
+    if a.method == "fp32":
+        torch.set_num_threads(a.threads)
+        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids)}
+    model, report, seconds = quantize_with_qcore(
+        a.model, a.calib, a.method, qcore_scheme(a.scheme), json.loads(a.options), a.threads)
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
+
+
+def peer_recipe(method: str, scheme: str) -> list:
+    """llm-compressor's default modifiers for one qcore scheme (peer venv only)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if scheme.endswith("A16"):
+        bits = int(scheme[1])
+        cfg = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=bits, type="int", symmetric=False, strategy="group", group_size=GROUP))
+    else:
+        bits = int(scheme[1])
+        cfg = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True,
+                                     strategy="channel"),
+            input_activations=QuantizationArgs(num_bits=bits, type="int", symmetric=bits == 8,
+                                               strategy="token", dynamic=True))
+    groups = {"config_groups": {"group_0": cfg}, "ignore": ["lm_head"]}
+    if method == "gptq":
+        return [GPTQModifier(**groups)]
+    modifiers = []
+    if method == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        modifiers.append(AWQModifier())
+    elif method == "smoothquant":
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+        modifiers.append(SmoothQuantModifier())
+    return [*modifiers, QuantizationModifier(**groups)]
+
+
+def worker_llmc(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    # AWQModifier pins its activation cache; pinning needs an accelerator and only speeds
+    # host-to-device copies, so on a CPU-only machine it becomes the identity
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    from transformers import AutoTokenizer
+
+    calib, eval_ids = torch.load(a.calib), torch.load(a.eval)
+    model = load_fp32(a.model)
+    seconds = llmc_oneshot(model, AutoTokenizer.from_pretrained(a.model), calib,
+                           peer_recipe(a.method, a.scheme))
+    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
+
+
+# ----------------------------------------------------------------------------- parent
+def run_cell(side: str, method: str, scheme: str, options: dict, calib: Path, eval_ids: Path,
+             model: Path, a: argparse.Namespace) -> dict:
+    python = str(PEER_PYTHON) if side == "llmc" else sys.executable
+    out = Path(tempfile.mkstemp(prefix=f"bench_methods_{side}_", suffix=".json")[1])
+    cmd = [python, str(HERE), "--worker", side, "--method", method, "--scheme", scheme,
+           "--options", json.dumps(options), "--calib", str(calib), "--eval", str(eval_ids),
+           "--model", str(model), "--result", str(out), "--threads", str(a.threads)]
+    print(f"[bench_methods] {side} {method} {scheme} {options or ''}", file=sys.stderr,
+          flush=True)
+    return run_measured(cmd, out, peer=side == "llmc")
+
+
+def qcore_options(method: str, assignments: list[str]) -> dict:
+    """``method.key=value`` items of --qcore-set that belong to ``method``."""
+    from qcore.config import parse_assignments
+
+    mine = [item.split(".", 1)[1] for item in assignments if item.split(".", 1)[0] == method]
+    return parse_assignments(mine)
+
+
+def ratio(q: dict, p: dict | None, key: str) -> str:
+    if not p or "error" in p or "error" in q or not p.get(key):
+        return "-"
+    return f"{q[key] / p[key]:.2f}"
+
+
+def cell(r: dict | None, key: str, fmt: str) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "failed"
+    return format(r[key], fmt)
+
+
+def print_table(rows: list[dict], header: str, markdown: bool) -> None:
+    cols = ["method", "scheme", "calibration", "qcore ppl", "peer ppl", "qcore s", "peer s",
+            "time ratio", "qcore RSS MB", "peer RSS MB", "RSS ratio"]
+    lines = []
+    for row in rows:
+        q, p = row["qcore"], row.get("peer")
+        lines.append([row["method"], row["scheme"], row["calibration"],
+                      cell(q, "ppl", ".2f"), cell(p, "ppl", ".2f"),
+                      cell(q, "seconds", ".1f"), cell(p, "seconds", ".1f"),
+                      ratio(q, p, "seconds"), cell(q, "rss_mb", ".0f"), cell(p, "rss_mb", ".0f"),
+                      ratio(q, p, "rss_mb")])
+    print("\n" + header)
+    if markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for line in lines:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="method:scheme cells, comma separated")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--awq-samples", type=int, default=32, help="calibration windows for AWQ")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 4 x 128 calibration, 4 evaluation windows, FlatQuant 1 epoch")
+    p.add_argument("--skip-peer", action="store_true", help="qcore cells only")
+    p.add_argument("--qcore-set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override one qcore default, e.g. gptq.act_order=false (repeatable)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--json", help="also write every cell's result to this file")
+    p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)
+    for hidden in ("--method", "--scheme", "--options", "--calib", "--eval", "--model",
+                   "--result"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        result = (worker_llmc if a.worker == "llmc" else worker_qcore)(a)
+        Path(a.result).write_text(json.dumps(result))
+        return
+    if a.quick:
+        for key, value in QUICK.items():
+            setattr(a, key, value if key != "qcore_set" else value + a.qcore_set)
+
+    from qcore.models.loading import smollm2_folder
+
+    cells = [tuple(item.split(":")) for item in a.rows.split(",") if item]
+    for method_scheme in cells:
+        if len(method_scheme) != 2:
+            p.error(f"--rows: {':'.join(method_scheme)!r} is not METHOD:SCHEME")
+    folder = smollm2_folder()
+    sizes = {a.samples} | ({a.awq_samples} if any(m == "awq" for m, _ in cells) else set())
+    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, sorted(sizes),
+                                         tempfile.mkdtemp(prefix="bench_methods_"))
+    fp = run_cell("qcore", "fp32", "", {}, files[a.samples], eval_ids, folder, a)
+    rows = []
+    peer_ok = not a.skip_peer and PEER_PYTHON.exists()
+    for method, scheme in cells:
+        n = a.awq_samples if method == "awq" else a.samples
+        options = qcore_options(method, a.qcore_set)
+        row = {"method": method, "scheme": scheme, "options": options,
+               "calibration": f"{n} x {a.seq_len}",
+               "qcore": run_cell("qcore", method, scheme, options, files[n], eval_ids, folder,
+                                 a)}
+        if peer_ok and method in PEER_METHODS:
+            row["peer"] = run_cell("llmc", method, scheme, {}, files[n], eval_ids, folder, a)
+        rows.append(row)
+    header = (f"SmolLM2-135M-Instruct float32 (fp32 perplexity {cell(fp, 'ppl', '.2f')}); "
+              f"wiki_en head calibration, perplexity on {a.eval_windows} x {a.seq_len} windows "
+              f"of the tail; W*A16 asymmetric g{GROUP}; {a.threads} threads per side, one cell "
+              f"at a time; qcore options: {' '.join(a.qcore_set) or 'defaults'}; peer: "
+              f"llm-compressor 0.14 defaults" + ("" if peer_ok else " (not run)"))
+    print_table(rows, header, a.markdown)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"fp32": fp, "rows": rows, "args": vars(a)},
+                                           indent=1))
+
+
+if __name__ == "__main__":
+    main()
