@@ -99,10 +99,11 @@ def write_wiki_windows(folder, seq_len: int, eval_windows: int, calib_samples,
 
 
 def quantize_with_qcore(model_folder, calib_file, method: str, scheme, options: dict,
-                        threads: int, batch_size: int = 4):
+                        threads: int, batch_size: int = 4, propagation: str | None = None):
     """The qcore side of a comparison: load the float model, quantize it layer by layer on
-    the CPU backend with the calibration token ids in ``calib_file``. Returns (model,
-    report, seconds of the quantization call). Worker side, qcore's venv only."""
+    the CPU backend with the calibration token ids in ``calib_file`` (``propagation``: the
+    run's override of the method's, like ``--propagation``). Returns (model, report,
+    seconds of the quantization call). Worker side, qcore's venv only."""
     import time
 
     import torch
@@ -120,7 +121,8 @@ def quantize_with_qcore(model_folder, calib_file, method: str, scheme, options: 
     check_group_size(model, adapter, scheme)
     t0 = time.perf_counter()
     report = run_layerwise(model, quantizer, adapter, api.build_backend("cpu", plugins), calib,
-                           plugins=plugins, batch_size=batch_size, progress=False)
+                           plugins=plugins, batch_size=batch_size, progress=False,
+                           propagation=propagation)
     return model, report, time.perf_counter() - t0
 
 

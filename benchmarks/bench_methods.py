@@ -71,8 +71,11 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     if a.method == "fp32":
         torch.set_num_threads(a.threads)
         return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids)}
+    options = json.loads(a.options)
+    propagation = options.pop("propagation", None)
     model, report, seconds = quantize_with_qcore(
-        a.model, a.calib, a.method, qcore_scheme(a.scheme), json.loads(a.options), a.threads)
+        a.model, a.calib, a.method, qcore_scheme(a.scheme), options, a.threads,
+        propagation=propagation)
     return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
 
 
@@ -193,7 +196,8 @@ def main() -> None:
                    help="smoke run: 4 x 128 calibration, 4 evaluation windows, FlatQuant 1 epoch")
     p.add_argument("--skip-peer", action="store_true", help="qcore cells only")
     p.add_argument("--qcore-set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="override one qcore default, e.g. gptq.act_order=false (repeatable)")
+                   help="override one qcore default, e.g. gptq.act_order=false (repeatable); "
+                        "METHOD.propagation=full|quantized is the run's --propagation")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--json", help="also write every cell's result to this file")
     p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)

@@ -125,6 +125,7 @@ class _Collector:
         self.gram_names = {groups[i].linears[0] for i in gram_groups}
         self.block_names = {groups[i].block for i in block_groups}
         self.clip_names = set(clip_names)
+        self.handles: list[Any] = []
 
     def linear_hook(self, name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
@@ -153,18 +154,28 @@ class _Collector:
                 calls.append((tuple(args), dict(kwargs)))
         return hook
 
-    def run(self) -> None:
-        names = sorted(self.stat_names | self.gram_names | self.clip_names)
-        handles = [
+    def attach(self) -> dict[str, Any]:
+        """Register the block pre-hooks; the linear hooks to run in a forward of the layer
+        over every batch (:meth:`detach` afterwards)."""
+        self.handles = [
             self.ctx.submodule(b).register_forward_pre_hook(self.block_pre_hook(b),
                                                             with_kwargs=True)
             for b in sorted(self.block_names)
         ]
+        return {n: self.linear_hook for n in sorted(self.stat_names | self.gram_names
+                                                    | self.clip_names)}
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def run(self) -> None:
+        """A forward pass of the layer of its own."""
         try:
-            self.ctx.forward({n: self.linear_hook for n in names}, keep_outputs=False)
+            self.ctx.forward(self.attach(), keep_outputs=False)
         finally:
-            for h in handles:
-                h.remove()
+            self.detach()
 
     def mean_abs(self, name: str) -> torch.Tensor:
         return (self.abs_sum[name] / self.seen[name]).float()
@@ -233,10 +244,14 @@ class AWQQuantizer(Quantizer):
         return groups, skipped
 
     # ------------------------------------------------------------------ per layer
-    @torch.no_grad()
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
+    def __init__(self, config: BaseModel, scheme: QuantScheme) -> None:
+        super().__init__(config, scheme)
+        self._pending: tuple[_Collector, list[LinearGroup], list[str], set[int]] | None = None
+
+    def _collector(self, ctx: LayerContext
+                   ) -> tuple[_Collector, list[LinearGroup], list[str], set[int]]:
+        """What the searches of this layer need, and the hooks that collect it."""
         cfg: AWQConfig = self.config
-        args = self.scheme.weights
         names = ctx.adapter.linear_names()
         groups, skipped = self._valid_groups(ctx) if cfg.scale else ([], [])
         clip_names = [n for n in names if not any(p in n for p in cfg.clip_skip)] \
@@ -251,11 +266,29 @@ class AWQQuantizer(Quantizer):
                        if g.kind == "linear" and g.linears == (g.block,)
                        and search_tokens > ctx.submodule(g.block).in_features}
         block_groups = set(range(len(groups))) - gram_groups
-
         collector = _Collector(ctx, groups, gram_groups, block_groups, clip_names,
                                cfg.clip_tokens, search_batches)
-        if groups or clip_names:
-            collector.run()
+        return collector, groups, skipped, gram_groups
+
+    def float_pass_hooks(self, ctx: LayerContext) -> dict[str, Any]:
+        """The statistics, block calls and token samples come from the pipeline's pass of
+        the float layer (its outputs are the next layer's inputs anyway)."""
+        self._pending = self._collector(ctx)
+        return self._pending[0].attach()
+
+    @torch.no_grad()
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
+        cfg: AWQConfig = self.config
+        args = self.scheme.weights
+        names = ctx.adapter.linear_names()
+        if self._pending is not None and self._pending[0].ctx is ctx:
+            (collector, groups, skipped, gram_groups), self._pending = self._pending, None
+            collector.detach()
+        else:  # called outside the pipeline's float pass
+            collector, groups, skipped, gram_groups = self._collector(ctx)
+            if groups or collector.clip_names:
+                collector.run()
+        clip_names = sorted(collector.clip_names, key=names.index)
 
         stats: dict[str, Any] = {}
         if skipped:

@@ -29,10 +29,12 @@ class GPTQSolverConfig(BaseModel):
         default=50, ge=0,
         description="raises of the dampening tried before giving up with an error")
     act_order: bool = Field(
-        default=False,
-        description="process columns by descending diag(H) (the reference's --act-order)")
+        default=True,
+        description="process columns by descending diag(H) (the reference's --act-order); "
+                    "false: natural column order, worse than RTN on SmolLM2 (see "
+                    "docs/methods/gptq.md)")
     static_groups: bool = Field(
-        default=False,
+        default=True,
         description="group parameters computed up front from the original weights instead of "
                     "when the quantizer reaches a group (needed for act_order to keep groups "
                     "contiguous in the natural column order)")

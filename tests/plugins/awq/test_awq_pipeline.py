@@ -173,3 +173,37 @@ def test_options_and_schemes_are_validated(plugins):
         api.build_quantizer("awq", SCHEME, {"max_shrink": 1.5}, plugins)
     with pytest.raises(api.ConfigError, match="weights only"):
         api.build_quantizer("awq", get_scheme("W8A8"), {}, plugins)
+
+
+def test_statistics_from_the_pipelines_float_pass(tiny_qwen2, calib_ids, plugins):
+    """The mean |x|, block calls, Gram matrices and clip samples gathered by hooks on the
+    pipeline's float pass give the same model as a pass of AWQ's own, one layer forward
+    fewer per layer."""
+    import copy
+
+    from qcore_awq.quantizer import AWQQuantizer
+
+    class OwnPass(AWQQuantizer):
+        name = "awq-own-pass"
+
+        def float_pass_hooks(self, ctx):
+            return {}
+
+    other = copy.deepcopy(tiny_qwen2)
+    counts = []
+    for model, cls in ((tiny_qwen2, AWQQuantizer), (other, OwnPass)):
+        quantizer = cls(api.build_quantizer("awq", SCHEME, {}, plugins).config, SCHEME)
+        calls = [0]
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        run_layerwise(model, quantizer, api.adapter_for(model, plugins),
+                      api.build_backend("cpu", plugins), calib_ids, plugins=plugins,
+                      batch_size=2, progress=False)
+        counts.append(calls[0])
+    layers, batches = len(tiny_qwen2.model.layers), -(-calib_ids.shape[0] // 2)
+    assert counts[1] - counts[0] == layers * batches
+    ours = {n: m for n, m in tiny_qwen2.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {n: m for n, m in other.named_modules() if isinstance(m, QuantLinear)}
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert torch.equal(ours[name].dequantize(), theirs[name].dequantize()), name
