@@ -23,7 +23,10 @@ weights, dynamic symmetric per-token activations; W4A4 int4 symmetric per-channe
 dynamic asymmetric per-token activations. 2 threads per side.
 
 "seconds" is the quantization call only (model load and evaluation excluded), "RSS" the
-process's peak resident set (load and evaluation included); the ratios are qcore / peer.
+process's peak resident set up to the end of quantization (model load included,
+evaluation not; VmHWM read in the worker); the ratios are qcore / peer. The rows go
+through the same layer-wise pipeline ``qcore quantize`` runs (``run_layerwise``) on the
+float32 model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from _common import (
     llmc_oneshot,
     load_fp32,
+    peak_rss_mb,
     quantize_with_qcore,
     run_measured,
     window_perplexity,
@@ -70,13 +74,14 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     eval_ids = torch.load(a.eval)
     if a.method == "fp32":
         torch.set_num_threads(a.threads)
-        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids)}
+        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids, 1)}
     options = json.loads(a.options)
     propagation = options.pop("propagation", None)
     model, report, seconds = quantize_with_qcore(
         a.model, a.calib, a.method, qcore_scheme(a.scheme), options, a.threads,
         propagation=propagation)
-    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
+    rss = peak_rss_mb()
+    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": window_perplexity(model, eval_ids, 1)}
 
 
 def peer_recipe(method: str, scheme: str) -> list:
@@ -122,7 +127,8 @@ def worker_llmc(a: argparse.Namespace) -> dict:
     model = load_fp32(a.model)
     seconds = llmc_oneshot(model, AutoTokenizer.from_pretrained(a.model), calib,
                            peer_recipe(a.method, a.scheme))
-    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
+    rss = peak_rss_mb()
+    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": window_perplexity(model, eval_ids, 1)}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -169,8 +175,8 @@ def print_table(rows: list[dict], header: str, markdown: bool) -> None:
         lines.append([row["method"], row["scheme"], row["calibration"],
                       cell(q, "ppl", ".2f"), cell(p, "ppl", ".2f"),
                       cell(q, "seconds", ".1f"), cell(p, "seconds", ".1f"),
-                      ratio(q, p, "seconds"), cell(q, "rss_mb", ".0f"), cell(p, "rss_mb", ".0f"),
-                      ratio(q, p, "rss_mb")])
+                      ratio(q, p, "seconds"), cell(q, "quant_rss_mb", ".0f"),
+                      cell(p, "quant_rss_mb", ".0f"), ratio(q, p, "quant_rss_mb")])
     print("\n" + header)
     if markdown:
         print("| " + " | ".join(cols) + " |")

@@ -42,12 +42,13 @@ def test_gptq_perplexity_clearly_below_rtn(smollm2, _threads):
 
     fp = perplexity(model, tokenizer, tail, seq_len=SEQ_LEN, windows=WINDOWS)
     rtn, _ = run("rtn", {})
-    gptq, report = run("gptq", {"act_order": True, "static_groups": True})
+    gptq, report = run("gptq", {})  # the defaults: act-order with static groups
     print(f"\nSmolLM2-135M pydoc tail ppl: fp32 {fp:.3f}, RTN W4A16 g64 {rtn:.3f}, "
           f"GPTQ {gptq:.3f}")
     # GPTQ's objective is below RTN's for every layer on the calibration data
     for layer in report.layers:
         assert layer.stats["loss"] < layer.stats["rtn_loss"], layer.name
     assert fp < gptq
-    # clearly below RTN: at least a third of RTN's degradation over fp32 removed
-    assert gptq - fp < (2 / 3) * (rtn - fp), (fp, rtn, gptq)
+    # clearly below RTN: measured 12.385 against fp32 11.249 and RTN 14.455, i.e. 35% of
+    # RTN's degradation over fp32 left; pinned at under 45%
+    assert gptq - fp < 0.45 * (rtn - fp), (fp, rtn, gptq)
