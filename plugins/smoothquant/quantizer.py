@@ -187,6 +187,11 @@ class SmoothQuantQuantizer(Quantizer):
     name = "smoothquant"
     Config = SmoothQuantConfig
     description = "SmoothQuant: per-channel smoothing folded into norms, then W8A8 (+KV8)"
+    #: statistics of the float model, as the reference collects them: one float pass per
+    #: layer gives the maxima and the next layer's inputs (``--propagation quantized``:
+    #: llm-compressor's way, the quantized layer's outputs; no better on SmolLM2 W8A8,
+    #: twice the time, docs/methods/smoothquant.md)
+    propagation = "full"
 
     def __init__(self, config: SmoothQuantConfig, scheme: QuantScheme) -> None:
         super().__init__(config, scheme)

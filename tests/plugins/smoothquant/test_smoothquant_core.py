@@ -290,11 +290,12 @@ def test_statistics_from_the_pipelines_float_pass(tiny_model, plugins, calib_ids
         run_layerwise(model, quantizer, adapter_for(model, plugins), CPUBackend(), calib_ids,
                       plugins=plugins, batch_size=2, progress=False)
         counts.append(calls[0])
-    # per layer and batch of 2: the float pass and the quantized outputs; with a pass of
-    # its own, the error reference (the first 4 windows: 2 batches) runs too; the first
-    # layer's hook also fires once per batch while its inputs are captured
+    # per layer and batch of 2: the float pass (the next layer's inputs: full propagation)
+    # and the quantized layer on the error windows (4: 2 batches); with a pass of its own,
+    # one float pass more; the first layer's hook also fires once per batch while its
+    # inputs are captured
     layers, batches = len(tiny_model.model.layers), -(-calib_ids.shape[0] // 2)
-    assert counts == [batches + layers * 2 * batches, batches + layers * (2 * batches + 2)]
+    assert counts == [batches + layers * (batches + 2), batches + layers * (2 * batches + 2)]
     ours = {n: m for n, m in tiny_model.named_modules() if isinstance(m, QuantLinear)}
     theirs = {n: m for n, m in other.named_modules() if isinstance(m, QuantLinear)}
     assert ours.keys() == theirs.keys() and ours
