@@ -195,7 +195,8 @@ def test_statistics_from_the_pipelines_float_pass(tiny_qwen2, calib_ids, plugins
         quantizer = cls(api.build_quantizer("awq", SCHEME, {}, plugins).config, SCHEME)
         calls = [0]
         for layer in model.model.layers:
-            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            layer.register_forward_pre_hook(
+                lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
         run_layerwise(model, quantizer, api.adapter_for(model, plugins),
                       api.build_backend("cpu", plugins), calib_ids, plugins=plugins,
                       batch_size=2, progress=False)

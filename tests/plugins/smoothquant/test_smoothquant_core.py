@@ -286,7 +286,8 @@ def test_statistics_from_the_pipelines_float_pass(tiny_model, plugins, calib_ids
             quantizer.__class__ = cls
         calls = [0]
         for layer in model.model.layers:
-            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            layer.register_forward_pre_hook(
+                lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
         run_layerwise(model, quantizer, adapter_for(model, plugins), CPUBackend(), calib_ids,
                       plugins=plugins, batch_size=2, progress=False)
         counts.append(calls[0])
