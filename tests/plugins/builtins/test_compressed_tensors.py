@@ -136,9 +136,13 @@ def test_sharded_export_with_an_index(tiny_folder, tmp_path):
         api.load_model(str(tmp_path / "ct"))
 
 
+#: GPTQ act-order without static groups (the default has them): a permuted g_idx
+PERMUTED_GROUPS = {"act_order": True, "static_groups": False}
+
+
 def test_what_the_format_cannot_hold_is_refused(tiny_folder, tmp_path):
     # act-order without static groups: a permuted g_idx (compressed-tensors 0.20 removed it)
-    _quantize(tiny_folder, "W4A16", 32, method="gptq", options={"act_order": True},
+    _quantize(tiny_folder, "W4A16", 32, method="gptq", options=PERMUTED_GROUPS,
               save=tmp_path / "ao")
     with pytest.raises(ConfigError, match=r"model\.layers\.0\..*permuted groups"):
         api.export_model(str(tmp_path / "ao"), "compressed-tensors", tmp_path / "x")
@@ -158,7 +162,7 @@ def test_what_the_format_cannot_hold_is_refused(tiny_folder, tmp_path):
 
 def test_a_refusal_after_quantizing_keeps_the_work(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="saved in the qcore format at") as info:
-        _quantize(tiny_folder, "W4A16", 32, method="gptq", options={"act_order": True},
+        _quantize(tiny_folder, "W4A16", 32, method="gptq", options=PERMUTED_GROUPS,
                   save=tmp_path / "ct", fmt="compressed-tensors")
     rescue = tmp_path / "ct-qcore"
     assert str(rescue) in str(info.value) and (rescue / "qcore.json").is_file()
