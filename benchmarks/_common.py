@@ -119,6 +119,8 @@ def quantize_with_qcore(model_folder, calib_file, method: str, scheme, options: 
     quantizer = api.build_quantizer(method, scheme, options, plugins)
     adapter = api.adapter_for(model, plugins)
     check_group_size(model, adapter, scheme)
+    if not quantizer.uses_calibration():  # as qcore.api.quantize: the error windows only
+        calib = calib[:4]
     t0 = time.perf_counter()
     report = run_layerwise(model, quantizer, adapter, api.build_backend("cpu", plugins), calib,
                            plugins=plugins, batch_size=batch_size, progress=False,

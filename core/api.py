@@ -315,6 +315,11 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
             model, _, _ = load_model(config.model, plugins, dtype=dtype)
     else:
         calib = calibration_ids(tokenizer, config, plugins)
+    if not quantizer.uses_calibration() and config.error_windows is not None \
+            and len(calib) > config.error_windows:
+        log.info("%s needs no calibration activations: forwarding %d of %d windows (the "
+                 "per-layer error's)", quantizer.name, config.error_windows, len(calib))
+        calib = calib[: config.error_windows]
     adapter = adapter_for(model, plugins)
     try:
         check_group_size(model, adapter, scheme)

@@ -469,11 +469,6 @@ def run_layerwise(
     propagation = propagation or quantizer.propagation
     if error_windows is not None and error_windows < 0:
         raise ValueError(f"error_windows must be >= 0 or None, got {error_windows}")
-    if not quantizer.uses_calibration() and error_windows is not None \
-            and len(calib_ids) > error_windows:
-        log.info("%s needs no calibration activations: forwarding %d of %d windows (the "
-                 "per-layer error's)", quantizer.name, error_windows, len(calib_ids))
-        calib_ids = calib_ids[:error_windows]
     all_fp = propagation == "full" or quantizer.needs_fp_outputs
     started = time.perf_counter()
     backend.reset_peak_memory()
