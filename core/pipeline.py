@@ -270,14 +270,27 @@ class LayerContext:
 
     def input_absmax(self, names: list[str]) -> dict[str, torch.Tensor]:
         """max |x| per input channel of each named submodule over all calibration tokens."""
-        stats: dict[str, torch.Tensor] = {}
+        observer = AbsmaxObserver(names)
+        self.forward(observer.hooks(), keep_outputs=False)
+        return observer.absmax
 
-        def observe(name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
-            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
 
-        self.forward({n: observe for n in names}, keep_outputs=False)
-        return stats
+class AbsmaxObserver:
+    """max |x| per input channel of the hooked submodules over every token seen: hooks for
+    :meth:`LayerContext.forward` or for the pipeline's float pass
+    (``Quantizer.float_pass_hooks``)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def hooks(self) -> dict[str, HookFn]:
+        return {n: self._observe for n in self.names}
+
+    def _observe(self, name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
+        cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        prev = self.absmax.get(name)
+        self.absmax[name] = cur if prev is None else torch.maximum(prev, cur)
 
 
 @dataclass

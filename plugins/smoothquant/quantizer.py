@@ -33,7 +33,7 @@ from torch import nn
 from qcore import api
 from qcore.interfaces import LayerNameList, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter, LinearGroup
-from qcore.pipeline import LayerContext
+from qcore.pipeline import AbsmaxObserver, LayerContext
 from qcore.quant.folding import fold_scale
 from qcore.quant.kvcache import KVCacheSpec, enable_kv_quantization
 from qcore.quant.linear import QuantLinear
@@ -103,23 +103,6 @@ def fold_scales(layer: nn.Module, group: LinearGroup, scales: torch.Tensor) -> N
 
 def smoothing_groups(ctx: LayerContext, smooth_linears: bool) -> list[LinearGroup]:
     return [g for g in ctx.adapter.smooth_groups(ctx.layer) if g.kind == "norm" or smooth_linears]
-
-
-class AbsmaxObserver:
-    """max |x| per input channel of the hooked submodules, over every token seen: hooks
-    for the pipeline's float pass (``Quantizer.float_pass_hooks``)."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.absmax: dict[str, torch.Tensor] = {}
-
-    def hooks(self) -> dict[str, Any]:
-        return {n: self._observe for n in self.names}
-
-    def _observe(self, name: str, _m: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> None:
-        cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        prev = self.absmax.get(name)
-        self.absmax[name] = cur if prev is None else torch.maximum(prev, cur)
 
 
 @torch.no_grad()
