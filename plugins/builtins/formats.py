@@ -88,6 +88,9 @@ class QcoreMetadata(BaseModel):
     scheme: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     versions: dict[str, str | None] = Field(default_factory=dict)
+    #: set by `qcore export`: the model this folder was written from, and its format
+    source: str | None = None
+    source_format: str | None = None
 
 
 def read_metadata(path: Path) -> QcoreMetadata:

@@ -232,3 +232,23 @@ def test_streaming_flags_reach_the_run(tiny_folder, capsys):
     assert rc == 2 and "--resume continues a layer-by-layer save" in capsys.readouterr().err
     rc = main(rtn_args(tiny_folder, "--max-shard-size", "lots", "--save", str(tiny_folder / "y")))
     assert rc == 2 and "--max-shard-size 'lots'" in capsys.readouterr().err
+
+
+def test_export_to_the_qcore_format_keeps_every_tensor_and_names_the_source(tiny_folder,
+                                                                              capsys):
+    from conftest import rtn_args
+
+    saved = tiny_folder / "q"
+    assert main(rtn_args(tiny_folder, "--save", str(saved))) == 0
+    ct, again = tiny_folder / "ct", tiny_folder / "again"
+    assert main(["export", "--model", str(saved), "--format", "compressed-tensors",
+                 "--out", str(ct)]) == 0
+    # compressed-tensors -> qcore: the imported checkpoint saves as the tensors it came from
+    assert main(["export", "--model", str(ct), "--format", "qcore", "--out", str(again)]) == 0
+    capsys.readouterr()
+    first = json.loads((saved / "qcore.json").read_text())
+    second = json.loads((again / "qcore.json").read_text())
+    assert second["source"] == str(ct) and second["source_format"] == "compressed-tensors"
+    assert second["tensors"] == first["tensors"]
+    assert main(["evaluate", "--model", str(again), "--data", str(tiny_folder / "calib.txt"),
+                 "--seq-len", "16", "--windows", "2", "--json"]) == 0
