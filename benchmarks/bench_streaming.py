@@ -6,6 +6,7 @@ process (its VmHWM as it exits: loading, calibration, quantization and saving).
     python benchmarks/bench_streaming.py                  # the issue's two rows
     python benchmarks/bench_streaming.py --quick          # 2-layer checkpoints, small calib
     python benchmarks/bench_streaming.py --rows rtn-7b --layers 4
+    python benchmarks/bench_streaming.py --rows gptq-1.5b --layers 2 --activation-budget 64MB
 
 The checkpoints are built once under ``--work`` (default ~/.cache/qcore/synthetic; 3.5 GB
 for 1.5B, 15 GB for 7B at 28 layers) in ~2 GB bf16 shards with transformers' index. The
@@ -184,6 +185,9 @@ def main() -> None:
                         default=Path.home() / ".cache" / "qcore" / "synthetic")
     parser.add_argument("--quick", action="store_true",
                         help="2-layer checkpoints, 8 x 128 calibration (a smoke run)")
+    parser.add_argument("--activation-budget", dest="activation_budget", metavar="SIZE",
+                        help="passed to qcore quantize: offload calibration activations "
+                             "beyond SIZE to disk (default: qcore's, half the free memory)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--matmul", action="store_true",
                         help="only time a 7B-shape matmul in float32, bf16 and fp16")
@@ -205,6 +209,8 @@ def main() -> None:
                "--method", method, *extra, "--calib", str(WIKI), "--calib-part", "head",
                "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                "--save", str(out), "--overwrite", "--json"]
+        if args.activation_budget:
+            cmd += ["--activation-budget", args.activation_budget]
         seconds, peak, code, output = run_child(cmd)
         if code != 0:
             sys.exit(f"{row} failed (exit {code}):\n{output}")
@@ -214,6 +220,8 @@ def main() -> None:
                      "method": method, "scheme": " ".join(extra[1::2]),
                      "calibration": f"{args.samples} x {args.seq_len}"
                      if method != "rtn" else "none (no forward)",
+                     "activations": "offloaded past " + args.activation_budget
+                     if args.activation_budget else "in memory",
                      "checkpoint_gb": round(folder_bytes(folder) / 1e9, 2),
                      "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
                      "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
@@ -222,8 +230,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cols = ["shape", "method", "scheme", "calibration", "checkpoint_gb", "peak_rss_mb",
-            "seconds", "s_per_layer", "output_gb"]
+    cols = ["shape", "method", "scheme", "calibration", "activations", "checkpoint_gb",
+            "peak_rss_mb", "seconds", "s_per_layer", "output_gb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

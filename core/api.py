@@ -349,7 +349,9 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
                            batch_size=config.calibration.batch_size,
                            error_windows=config.error_windows, progress=progress,
                            source=checkpoint.load_layer if checkpoint is not None else None,
-                           writer=writer, modules=plugins.registry("module"))
+                           writer=writer, modules=plugins.registry("module"),
+                           activation_budget=config.activation_budget_bytes(),
+                           offload_dir=Path(config.offload_dir) if config.offload_dir else None)
     saved = None
     if writer is not None:
         saved = writer.finish(model, tokenizer, _save_metadata(config, scheme, report)).path

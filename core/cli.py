@@ -106,7 +106,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             cal[key] = value
     for key in ("model", "method", "scheme", "group_size", "observer", "backend",
-                "propagation", "error_windows", "save", "format", "dtype", "max_shard_size"):
+                "propagation", "error_windows", "save", "format", "dtype", "max_shard_size",
+                "activation_budget", "offload_dir"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
@@ -450,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: one decoder layer at a time for safetensors folders)")
     p.add_argument("--max-shard-size", dest="max_shard_size", metavar="SIZE",
                    help="largest output shard, e.g. 500MB, 2GB (default: the format's)")
+    p.add_argument("--activation-budget", dest="activation_budget", metavar="SIZE",
+                   help="memory the calibration activations may use, e.g. 4GB; beyond it "
+                        "they go to disk and are read back a batch at a time (default: half "
+                        "the memory available at the start)")
+    p.add_argument("--offload-dir", dest="offload_dir", metavar="DIR",
+                   help="where offloaded activations go (default: the system's temporary "
+                        "folder)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (or per-layer lines when stderr is not a terminal)")

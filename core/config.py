@@ -59,9 +59,18 @@ class RunConfig(BaseModel):
         default=None, description="largest safetensors shard of the output (the format's "
                                   "default when null)")
 
+    activation_budget: str | None = Field(
+        default=None, description="memory the calibration activations may use, e.g. 4GB; "
+                                  "beyond it they are offloaded to disk (null: half the "
+                                  "memory available at the start)")
+    offload_dir: str | None = Field(
+        default=None, description="folder for offloaded activations (null: the system's "
+                                  "temporary folder)")
+
     #: fields that change neither the quantized tensors nor where they go
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("save", "overwrite", "resume", "stream",
-                                               "max_shard_size", "error_windows")
+                                               "max_shard_size", "error_windows",
+                                               "activation_budget", "offload_dir")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -69,6 +78,17 @@ class RunConfig(BaseModel):
         if value is not None:
             parse_size(value)  # e.g. "500MB"; refused before any work
         return value
+
+    @field_validator("activation_budget")
+    @classmethod
+    def _a_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value, "--activation-budget")
+        return value
+
+    def activation_budget_bytes(self) -> int | None:
+        return None if self.activation_budget is None else parse_size(
+            self.activation_budget, "--activation-budget")
 
     def resolved_scheme(self) -> QuantScheme:
         if isinstance(self.scheme, QuantScheme):

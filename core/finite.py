@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -60,5 +60,5 @@ def check_source_weights(model: nn.Module) -> None:
                              "was quantized")
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -21,9 +21,10 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from qcore.activations import ActivationPlan, DiskActivations, plan_activations
 from qcore.errors import NonFiniteError
 from qcore.finite import all_finite, nonfinite_tensors
 from qcore.hostmemory import host_ranges
@@ -46,6 +48,8 @@ from qcore.schemes import QuantArgs, QuantScheme
 log = logging.getLogger(__name__)
 
 HookFn = Callable[[str, nn.Module, torch.Tensor, torch.Tensor], None]
+#: one layer's activations, a batch per entry: in memory, or offloaded to disk
+Batches = list[torch.Tensor] | DiskActivations
 #: fills a decoder layer's float tensors (named prefix + local name) from a checkpoint
 LayerSource = Callable[[str, nn.Module], None]
 
@@ -106,10 +110,12 @@ def capture_first_layer_inputs(
     input_ids: torch.Tensor,
     backend: Backend,
     batch_size: int,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Hidden states and keyword arguments reaching decoder layer 0, one entry per batch."""
+    into: Batches | None = None,
+) -> tuple[Batches, list[dict[str, Any]]]:
+    """Hidden states and keyword arguments reaching decoder layer 0, one entry per batch;
+    the hidden states are appended to ``into`` (a new list by default)."""
     layer0 = adapter.decoder_layers()[0]
-    hidden: list[torch.Tensor] = []
+    hidden: Batches = [] if into is None else into
     kwargs_list: list[dict[str, Any]] = []
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -141,7 +147,9 @@ class LayerContext:
     index: int
     name: str
     layer: nn.Module
-    inputs: list[torch.Tensor]
+    #: the layer's inputs, one batch per entry; a sequence read from disk when the run's
+    #: activations exceed its budget (index, slice or iterate it; ``list()`` to hold all)
+    inputs: Sequence[torch.Tensor]
     kwargs: list[dict[str, Any]]
     adapter: ArchitectureAdapter
     scheme: QuantScheme
@@ -149,14 +157,24 @@ class LayerContext:
     plugins: Any = None
     log: logging.Logger = field(default_factory=lambda: log)
     #: the float layer's outputs on the first len(reference_outputs) batches
-    reference_outputs: list[torch.Tensor] = field(default_factory=list)
+    reference_outputs: Sequence[torch.Tensor] = field(default_factory=list)
     #: the quantized layer's outputs on every batch, when the quantizer assembled them
     #: along the way (the pipeline then skips its own forward of the quantized layer);
     #: they must be what that forward gives
     quantized_outputs: list[torch.Tensor] | None = None
 
+    def batch_shapes(self) -> list[tuple[int, ...]]:
+        """Each input batch's shape (without reading offloaded batches from disk)."""
+        if isinstance(self.inputs, DiskActivations):
+            return self.inputs.shapes()
+        return [tuple(x.shape) for x in self.inputs]
+
+    def batch_tokens(self) -> list[int]:
+        """Tokens (windows x positions) of each input batch."""
+        return [math.prod(shape[:-1]) for shape in self.batch_shapes()]
+
     @property
-    def fp_outputs(self) -> list[torch.Tensor]:
+    def fp_outputs(self) -> Sequence[torch.Tensor]:
         """The float layer's outputs on every calibration batch."""
         if len(self.reference_outputs) != len(self.inputs):
             raise RuntimeError(
@@ -170,15 +188,17 @@ class LayerContext:
         self,
         hooks: dict[str, HookFn] | None = None,
         keep_outputs: bool = True,
-        inputs: list[torch.Tensor] | None = None,
+        inputs: Sequence[torch.Tensor] | None = None,
         batches: int | None = None,
         out_dtype: torch.dtype | None = None,
         keep_first: int | None = None,
-    ) -> list[torch.Tensor]:
+        into: Batches | None = None,
+    ) -> Batches:
         """Run every cached batch (or the first ``batches``) through the layer;
         ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name``
         for each batch. ``out_dtype``: keep the outputs in it (cast batch by batch);
-        ``keep_first``: keep only the first that many."""
+        ``keep_first``: keep only the first that many; ``into``: append them there (a new
+        list by default)."""
         handles = []
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
@@ -189,11 +209,15 @@ class LayerContext:
                 _fn(_n, mod, x, _hidden(out))
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        outputs = []
+        outputs: Batches = [] if into is None else into
         try:
-            pairs = list(zip(inputs if inputs is not None else self.inputs, self.kwargs,
-                             strict=True))
-            for x, kw in pairs[:batches]:
+            source = inputs if inputs is not None else self.inputs
+            n = len(source) if batches is None else min(batches, len(source))
+            if len(self.kwargs) != len(source):
+                raise ValueError(f"{len(source)} input batches but {len(self.kwargs)} "
+                                 "keyword-argument batches")
+            for b in range(n):
+                x, kw = source[b], self.kwargs[b]
                 y = _hidden(self.layer(x, **kw))
                 if keep_outputs and (keep_first is None or len(outputs) < keep_first):
                     outputs.append(y if out_dtype is None else y.to(out_dtype))
@@ -322,6 +346,8 @@ class Precision:
         """Floating tensors in ``obj`` (lists, tuples, dicts) in the work dtype."""
         if self.work == self.storage:
             return obj
+        if isinstance(obj, DiskActivations):
+            return obj.cast(self.work)
         if isinstance(obj, torch.Tensor):
             return obj.to(self.work) if obj.is_floating_point() else obj
         if isinstance(obj, (tuple, list)):
@@ -330,8 +356,12 @@ class Precision:
             return {k: self.cast(v) for k, v in obj.items()}
         return obj
 
-    def store(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return outputs if self.work == self.storage else [y.to(self.storage) for y in outputs]
+    def store(self, outputs: Batches) -> Batches:
+        if self.work == self.storage:
+            return outputs
+        if isinstance(outputs, DiskActivations):
+            return outputs.cast(self.storage)
+        return [y.to(self.storage) for y in outputs]
 
     def restore(self, module: nn.Module) -> None:
         """A finished layer's float tensors back in the storage dtype, except what a
@@ -358,13 +388,14 @@ class Precision:
 
 @torch.no_grad()
 def _replay(layer: nn.Module, backend: Backend, precision: Precision,
-            inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
-    """A finished layer's outputs on every batch; the layer is dropped afterwards."""
+            inputs: Batches, kwargs: list[dict[str, Any]], outputs: Batches) -> Batches:
+    """A finished layer's outputs on every batch, appended to ``outputs``; the layer is
+    dropped afterwards."""
     host = _host_ranges(layer)
     precision.enter(layer, backend.device)
     with cached_dequantization():
-        outputs = [_hidden(layer(x, **kw))
-                   for x, kw in zip(precision.cast(inputs), kwargs, strict=True)]
+        for x, kw in zip(precision.cast(inputs), kwargs, strict=True):
+            outputs.append(_hidden(layer(x, **kw)))
     release_layer(layer)
     backend.release_host_memory(sorted(host))
     return precision.store(outputs)
@@ -375,21 +406,21 @@ def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
     return host_ranges([*module.parameters(), *module.buffers()])
 
 
-def _error_batches(inputs: list[torch.Tensor], windows: int | None) -> int:
+def _error_batches(inputs: Sequence[torch.Tensor], windows: int | None) -> int:
     """How many leading batches cover at least ``windows`` windows (None: all)."""
     if windows is None:
         return len(inputs)
     if windows == 0:
         return 0
     seen = 0
-    for b, x in enumerate(inputs):
-        seen += x.shape[0]
+    for b in range(len(inputs)):
+        seen += inputs[b].shape[0]
         if seen >= windows:
             return b + 1
     return len(inputs)
 
 
-def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+def relative_mse(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
     """||out - ref||^2 / ||ref||^2 over the batches of ``ref`` (``out`` may have more batches)."""
     pairs = zip(ref, out[:len(ref)], strict=True)
     num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in pairs)
@@ -397,8 +428,8 @@ def relative_mse(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     return num / max(den, 1e-30)
 
 
-def _nonfinite_cause(name: str, method: str, layer: nn.Module, inputs: list[torch.Tensor],
-                     reference: list[torch.Tensor]) -> str:
+def _nonfinite_cause(name: str, method: str, layer: nn.Module, inputs: Sequence[torch.Tensor],
+                     reference: Sequence[torch.Tensor]) -> str:
     """Why a layer's quantized outputs hold NaN/inf, with advice that fits the cause."""
     where = f"{name}: the quantized layer's outputs hold NaN/inf"
     if not all_finite(inputs):
@@ -466,6 +497,8 @@ def run_layerwise(
     source: LayerSource | None = None,
     writer: LayerWriter | None = None,
     modules: dict[str, type[nn.Module]] | None = None,
+    activation_budget: int | None = None,
+    offload_dir: Path | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place, one decoder layer at a time.
 
@@ -487,7 +520,50 @@ def run_layerwise(
     backend.reset_peak_memory()
     model.eval()
     quantizer.prepare(model, adapter)
-    inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size)
+    plan = _activation_plan(model, backend, calib_ids, batch_size, all_fp,
+                            activation_budget, offload_dir)
+    with plan.containers(backend.device) as new_batches:
+        return _run_layers(model, quantizer, adapter, backend, calib_ids, new_batches,
+                           plugins=plugins, propagation=propagation, batch_size=batch_size,
+                           error_windows=error_windows, progress=progress, source=source,
+                           writer=writer, modules=modules, started=started)
+
+
+def _activation_plan(model: nn.Module, backend: Backend, calib_ids: torch.Tensor,
+                     batch_size: int, all_fp: bool, budget: int | None,
+                     offload_dir: Path | None) -> ActivationPlan:
+    embedding = model.get_input_embeddings()
+    windows, seq_len = calib_ids.shape
+    precision = Precision.of(model, backend, forwards=windows > 0)
+    plan = plan_activations(windows, seq_len, embedding.weight.shape[-1], batch_size,
+                            precision.storage, precision.work, all_fp, budget, offload_dir)
+    (log.warning if plan.offload else log.info)("%s", plan.describe())
+    return plan
+
+
+def _run_layers(
+    model: nn.Module,
+    quantizer: Quantizer,
+    adapter: ArchitectureAdapter,
+    backend: Backend,
+    calib_ids: torch.Tensor,
+    new_batches: Callable[[], Batches],
+    *,
+    plugins: Any,
+    propagation: Literal["quantized", "full"],
+    batch_size: int,
+    error_windows: int | None,
+    progress: bool,
+    source: LayerSource | None,
+    writer: LayerWriter | None,
+    modules: dict[str, type[nn.Module]] | None,
+    started: float,
+) -> QuantizationReport:
+    """The body of :func:`run_layerwise`; ``new_batches`` makes the containers of each
+    layer's activations (lists, or files when offloaded)."""
+    all_fp = propagation == "full" or quantizer.needs_fp_outputs
+    inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size,
+                                                into=new_batches())
     kwargs = [_move(kw, backend.device) for kw in kwargs]
     # the embedding rows the calibration read (of a memory-mapped checkpoint) are not
     # needed again
@@ -515,7 +591,8 @@ def run_layerwise(
                     writer.restore(model, name, modules or {})
                 elif source is not None:
                     source(f"{name}.", layer)
-                inputs = _replay(layer, backend, precision, inputs, work_kwargs)
+                inputs = _replay(layer, backend, precision, inputs, work_kwargs,
+                                 new_batches())
                 report.layers.append(LayerReport.model_validate(saved))
                 bar.update(task, advance=1, info=f"{name} (resumed)")
                 log.info("%s: finished by an earlier run, outputs recomputed", name)
@@ -530,21 +607,23 @@ def run_layerwise(
                                backend=backend, plugins=plugins)
             with cached_dequantization():  # the layer runs several times; dequantize once
                 hooks = quantizer.float_pass_hooks(ctx)
+                fp_into = new_batches() if all_fp else []
                 if hooks:  # every batch runs; the outputs kept are those needed
-                    ctx.reference_outputs = ctx.forward(hooks,
-                                                        keep_first=None if all_fp else n_error)
+                    ctx.reference_outputs = ctx.forward(
+                        hooks, keep_first=None if all_fp else n_error, into=fp_into)
                 else:
-                    ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error)
-                del hooks
+                    ctx.reference_outputs = ctx.forward(batches=None if all_fp else n_error,
+                                                        into=fp_into)
+                del hooks, fp_into
                 stats = quantizer.quantize_layer(ctx) or {}
-                q_outputs = ctx.quantized_outputs
-                if q_outputs is None:
-                    q_outputs = ctx.forward(batches=None if need_q else n_error,
-                                            out_dtype=precision.storage)
+                q_outputs = new_batches() if need_q else []
+                if ctx.quantized_outputs is None:
+                    ctx.forward(batches=None if need_q else n_error,
+                                out_dtype=precision.storage, into=q_outputs)
                 else:
+                    for y in ctx.quantized_outputs[:None if need_q else n_error]:
+                        q_outputs.append(y.to(precision.storage))
                     ctx.quantized_outputs = None
-                    q_outputs = [y.to(precision.storage)
-                                 for y in q_outputs[:None if need_q else n_error]]
             if not all_finite(q_outputs):
                 raise NonFiniteError(_nonfinite_cause(name, quantizer.name, layer, inputs,
                                                       ctx.reference_outputs))

@@ -111,7 +111,7 @@ class _Collector:
                  block_groups: set[int], clip_names: list[str], clip_tokens: int,
                  search_batches: int) -> None:
         self.ctx = ctx
-        self.total_tokens = sum(x.numel() // x.shape[-1] for x in ctx.inputs)
+        self.total_tokens = sum(ctx.batch_tokens())
         self.stride = max(1, self.total_tokens // clip_tokens)
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
@@ -256,10 +256,10 @@ class AWQQuantizer(Quantizer):
         groups, skipped = self._valid_groups(ctx) if cfg.scale else ([], [])
         clip_names = [n for n in names if not any(p in n for p in cfg.clip_skip)] \
             if cfg.clip else []
-        batch = ctx.inputs[0].shape[0] if ctx.inputs else 1
+        batch = ctx.batch_shapes()[0][0] if ctx.inputs else 1
         search_batches = len(ctx.inputs) if cfg.search_samples is None else \
             min(len(ctx.inputs), math.ceil(cfg.search_samples / batch))
-        search_tokens = sum(x.numel() // x.shape[-1] for x in ctx.inputs[:search_batches])
+        search_tokens = sum(ctx.batch_tokens()[:search_batches])
         # a group scored on its own single linear uses the Gram matrix of the input when
         # that is cheaper than replaying the linear (more scoring tokens than inputs)
         gram_groups = {i for i, g in enumerate(groups)

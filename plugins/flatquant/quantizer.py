@@ -514,8 +514,8 @@ class FlatQuantQuantizer(Quantizer):
 
     def train(self, ctx: LayerContext, owner: LayerTransforms) -> dict[str, Any]:
         cfg = self.config
-        inputs = torch.cat(ctx.inputs)
-        targets = torch.cat(ctx.fp_outputs)
+        inputs = torch.cat(list(ctx.inputs))
+        targets = torch.cat(list(ctx.fp_outputs))
         kw = _shared_kwargs(ctx.kwargs, ctx.inputs[0].shape[0])
         n = inputs.shape[0]
         bs = min(cfg.batch_size, n)

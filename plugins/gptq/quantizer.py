@@ -129,7 +129,8 @@ class _Stage:
                 capture_hook, with_kwargs=True))
         try:
             if entry == "":
-                batches = [((x,), kw) for x, kw in zip(ctx.inputs, ctx.kwargs, strict=True)]
+                # read a batch at a time: the inputs may be offloaded to disk
+                batches = (((x,), kw) for x, kw in zip(ctx.inputs, ctx.kwargs, strict=True))
                 module = layer
             else:
                 assert entry_inputs is not None
@@ -209,6 +210,9 @@ class GPTQQuantizer(Quantizer):
         entry, entry_inputs = "", None
         o_inputs: list[torch.Tensor | None] | None = None
         reuse = self._reuse_fits(ctx, roles)
+        # inputs offloaded to disk (over the activation budget): keep no activations in
+        # memory between passes; each group's pass runs from the layer's inputs
+        lean = not isinstance(ctx.inputs, list)
         residuals: list[torch.Tensor] | None = None  # x + o_proj(o_in), per batch when reused
         hessian_seconds = 0.0
         total_loss = 0.0
@@ -219,7 +223,7 @@ class GPTQQuantizer(Quantizer):
                     raise TypeError(f"{ctx.name}.{name} is {type(ctx.submodule(name)).__name__},"
                                     " not nn.Linear")
             capture = None
-            if k + 1 < len(groups):
+            if k + 1 < len(groups) and not lean:
                 parent = _common_parent(group + groups[k + 1])
                 if parent and _inside(parent, entry):
                     capture = parent
@@ -231,7 +235,7 @@ class GPTQQuantizer(Quantizer):
                 del rebuilt
             o_inputs = None
             keep = None
-            if k + 1 < len(groups) and _mlp_of(roles) and group == [roles.o]:
+            if k + 1 < len(groups) and _mlp_of(roles) and group == [roles.o] and not lean:
                 keep = roles.o
             last_down = (k == len(groups) - 1 and residuals is not None
                          and group == [roles.down] and entry == roles.mlp)
@@ -319,10 +323,12 @@ class GPTQQuantizer(Quantizer):
     def _reuse_fits(self, ctx: LayerContext, roles: LayerRoles) -> bool:
         """Whether down_proj's inputs and the residual stream of every batch fit the
         budget (in float32, the precision the layer runs in)."""
-        if roles.down is None or _mlp_of(roles) is None:
+        if roles.down is None or _mlp_of(roles) is None or not ctx.inputs:
             return False
-        tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
-        features = ctx.submodule(roles.down).in_features + ctx.inputs[0].shape[-1]
+        if not isinstance(ctx.inputs, list):  # offloaded: see `lean` in quantize_layer
+            return False
+        tokens = sum(ctx.batch_tokens())
+        features = ctx.submodule(roles.down).in_features + ctx.batch_shapes()[0][-1]
         return tokens * features * 4 <= self.config.reuse_budget_mb * 2**20
 
 
