@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from qcore.activations import DEFAULT_BUDGET_FRACTION, available_memory_bytes
 from qcore.config import RunConfig, validation_summary
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.errors import ConfigError, SavedModelError
@@ -40,7 +42,13 @@ from qcore.models.loading import (
     quantization_config,
     resolve_model_source,
 )
-from qcore.models.streaming import StreamedCheckpoint, can_stream, resolve_dtype
+from qcore.models.streaming import (
+    StreamedCheckpoint,
+    can_stream,
+    mapped_bytes,
+    page_out_after_forward,
+    resolve_dtype,
+)
 from qcore.pipeline import check_group_size, run_layerwise
 from qcore.plugins import PluginError, PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
@@ -186,7 +194,9 @@ def load_model(source: str, plugins: PluginManager | None = None,
     """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one.
 
     A quantized model gets ``backend``'s real kernels installed (as ``quantize`` does), so
-    it computes exactly what the saved model computed."""
+    it computes exactly what the saved model computed. Saved models and float safetensors
+    folders already in ``dtype`` come memory-mapped from their shards (transformers maps
+    them too), so evaluation can page their layers in and out (:func:`evaluate`)."""
     plugins = plugins or get_plugin_manager()
     path = Path(resolve_model_source(source))
     fmt = find_format(path, plugins) if path.is_dir() else None
@@ -400,12 +410,25 @@ def _rescue_path(save: Path) -> Path:
 
 def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str, Any], *,
              backend: str = "cpu", plugins: PluginManager | None = None,
-             listeners: Iterable[Any] = ()) -> EvaluationResult:
+             listeners: Iterable[Any] = (), page_layers: bool | None = None
+             ) -> EvaluationResult:
+    """Run ``evaluator`` on ``model``. ``page_layers``: drop each decoder layer's
+    memory-mapped pages after its forward, so memory holds about one layer (default: when
+    the mapped layers are larger than half the memory available); the numbers are the
+    same either way."""
     plugins = plugins or get_plugin_manager()
     ev = build_evaluator(evaluator, options, plugins)
     be = build_backend(backend, plugins)
     be.install_kernels(model)
-    result = ev.evaluate(model, tokenizer, be, datasets(plugins))
+    layers = adapter_for(model, plugins).decoder_layers()
+    if page_layers is None:  # a model mapped from files and too big to keep resident
+        page_layers = mapped_bytes(layers) > available_memory_bytes() * DEFAULT_BUDGET_FRACTION
+    paging = page_out_after_forward(layers, be.release_host_memory) if page_layers \
+        else nullcontext(0)
+    with paging as paged:
+        if paged:
+            log.info("evaluating with %d decoder layers paged in and out of memory", paged)
+        result = ev.evaluate(model, tokenizer, be, datasets(plugins))
     plugins.for_run(listeners).hook.qcore_evaluation_finished(result=result)
     return result
 

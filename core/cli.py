@@ -231,11 +231,13 @@ def _fmt(value: Any, sign: bool = False) -> str:
 def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]):
     """Load one model, evaluate it, let it go; (result, qcore metadata or None, seconds
     the evaluation took, loading excluded)."""
+    stream = True if getattr(args, "stream", False) else None
     model, tokenizer, meta = api.load_model(source)
     if tokenizer is None:
         raise api.ConfigError(f"{source} has no tokenizer files")
     t0 = time.perf_counter()
-    result = api.evaluate(model, tokenizer, args.evaluator, options, backend=args.backend)
+    result = api.evaluate(model, tokenizer, args.evaluator, options, backend=args.backend,
+                          page_layers=stream)
     return result, meta, time.perf_counter() - t0
 
 
@@ -476,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the first N windows (default: all)")
     p.add_argument("--stride", type=int, default=None, metavar="S",
                    help="window step; below --seq-len the windows overlap (default: seq-len)")
+    p.add_argument("--stream", action="store_true",
+                   help="keep about one decoder layer in memory: drop each layer's pages "
+                        "(mapped from the safetensors of a saved model, or of a float32 "
+                        "folder) after its forward; same numbers (default: only for a model "
+                        "larger than half the available memory)")
     p.add_argument("--batch-size", type=int, default=4, dest="batch_size", metavar="N",
                    help="windows per forward")
     p.add_argument("--backend", default="cpu", help="where the model runs")

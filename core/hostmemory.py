@@ -73,6 +73,15 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+def file_backed_bytes(ranges: Iterable[tuple[int, int]]) -> int:
+    """How many bytes of these (address, bytes) ranges lie in file mappings (0 off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    maps = _file_mappings()
+    return sum(max(0, min(lo + size, end) - max(lo, start))
+               for lo, size in ranges for start, end in maps)
+
+
 def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
     """Drop the resident pages of these (address, bytes) ranges that lie in a file
     mapping; returns the bytes advised.

@@ -85,7 +85,7 @@ def clean_leftovers(target: str | os.PathLike) -> list[str]:
             done.append(f"restored {target} from {entry.name} (a replacement was killed "
                          "between its two renames)")
         else:
-            size = _size(entry)
+            size = folder_bytes(entry)
             _remove(entry)
             done.append(f"removed {entry} ({size / 2**20:.1f} MB) left by killed process "
                         f"{m['pid']}")
@@ -94,7 +94,8 @@ def clean_leftovers(target: str | os.PathLike) -> list[str]:
     return done
 
 
-def _size(path: Path) -> int:
+def folder_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.errors import ConfigError, NonFiniteError
 from qcore.finite import describe_nonfinite, is_finite
-from qcore.hostmemory import page_out_file_backed
+from qcore.hostmemory import file_backed_bytes, host_ranges, page_out_file_backed
 from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 
 log = logging.getLogger(__name__)
@@ -152,3 +154,30 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 def release_layer(layer: nn.Module) -> None:
     """Drop a layer's tensors (to the meta device) once they are written elsewhere."""
     layer.to("meta")
+
+
+@contextmanager
+def page_out_after_forward(layers: Iterable[nn.Module],
+                           release: Callable[[list[tuple[int, int]]], None]) -> Iterator[int]:
+    """Within the block, each layer's memory-mapped tensors are handed to ``release``
+    (``Backend.release_host_memory``: their clean pages are dropped, re-read from the file
+    when touched again) after each of its forwards, so evaluating a model mapped from its
+    shards keeps about one layer resident. Yields how many layers are mapped from files
+    (only those get the hook)."""
+    handles = []
+    for layer in layers:
+        ranges = sorted(host_ranges([*layer.parameters(), *layer.buffers()]))
+        if file_backed_bytes(ranges):
+            handles.append(layer.register_forward_hook(
+                lambda *_args, _ranges=ranges: release(_ranges)))
+    try:
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mapped_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s tensors that are mapped from files (a streamed checkpoint or
+    a saved model read back)."""
+    return file_backed_bytes(host_ranges([*module.parameters(), *module.buffers()]))

@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qcore.config import validation_summary
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
+from qcore.hostmemory import page_out_tensors
 from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
 from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
@@ -137,6 +138,7 @@ def verify_tensors(path: Path, state: dict[str, torch.Tensor],
         if tensor_digest(t) != entry.sha256:
             raise SavedModelError(f"{file}: tensor {name} was altered after saving (its "
                                   "SHA-256 differs from the manifest)")
+        page_out_tensors([t])  # a mapped tensor's pages, read for the digest, go again
 
 
 HEADER = {"format": "pt", HEADER_KEY: str(FORMAT_VERSION)}

@@ -116,3 +116,61 @@ def test_non_finite_source_weights_are_named(tmp_path, tiny_tokenizer, name):
         ckpt.load_outside(list(layers))
         for i, layer in enumerate(layers):
             ckpt.load_layer(f"model.layers.{i}.", layer)
+
+
+class _PagingSpy:
+    """Wraps a backend's release_host_memory to count the bytes it is handed."""
+
+    def __init__(self, monkeypatch):
+        from qcore_backends.cpu.backend import CPUBackend
+
+        self.calls = []
+        original = CPUBackend.release_host_memory
+        monkeypatch.setattr(CPUBackend, "release_host_memory",
+                            lambda be, ranges: (self.calls.append(ranges),
+                                                original(be, ranges))[1])
+
+
+def test_a_float32_folder_evaluates_the_same_with_its_layers_paged(
+        tmp_path, tiny_tokenizer, plugins, monkeypatch):
+    from qcore import api
+    from qcore.interfaces import DataSpec
+    from qcore.models.streaming import mapped_bytes
+
+    folder = _folder(tmp_path, tiny_tokenizer, "qwen2", "100KB")
+    (tmp_path / "t.txt").write_text("Some evaluation prose about code. " * 200)
+    options = {"data": DataSpec(source=str(tmp_path / "t.txt")), "seq_len": 16, "windows": 6,
+               "batch_size": 2}
+    model, tok, _ = api.load_model(str(folder), plugins)  # float32 folder: mapped as loaded
+    assert mapped_bytes(model.model.layers) == sum(
+        p.numel() * 4 for p in model.model.layers.parameters())
+    whole = api.evaluate(model, tok, "perplexity", options, plugins=plugins, page_layers=False)
+    spy = _PagingSpy(monkeypatch)
+    paged = api.evaluate(model, tok, "perplexity", options, plugins=plugins, page_layers=True)
+    assert paged.metrics == whole.metrics
+    # each of the 2 layers was paged out after each of the 3 batches
+    assert len(spy.calls) == 2 * 3 and all(spy.calls)
+
+
+def test_a_saved_quantized_model_evaluates_the_same_with_its_layers_paged(
+        tmp_path, tiny_tokenizer, plugins, monkeypatch):
+    from conftest import make_tiny_model
+
+    from qcore import api
+    from qcore.config import CalibrationConfig, RunConfig
+    from qcore.interfaces import DataSpec
+
+    model = make_tiny_model("llama")
+    (tmp_path / "t.txt").write_text("Some evaluation prose about code. " * 200)
+    data = DataSpec(source=str(tmp_path / "t.txt"))
+    config = RunConfig(model="tiny", method="rtn", scheme="W4A16", group_size=32,
+                       calibration=CalibrationConfig(data=data, samples=2, seq_len=16),
+                       save=str(tmp_path / "q"))
+    api.quantize(config, model=model, tokenizer=tiny_tokenizer, plugins=plugins,
+                 progress=False)
+    options = {"data": data, "seq_len": 16, "windows": 4, "batch_size": 2}
+    saved, tok, _ = api.load_model(str(tmp_path / "q"), plugins)
+    plain = api.evaluate(saved, tok, "perplexity", options, plugins=plugins, page_layers=False)
+    spy = _PagingSpy(monkeypatch)
+    paged = api.evaluate(saved, tok, "perplexity", options, plugins=plugins, page_layers=True)
+    assert paged.metrics == plain.metrics and len(spy.calls) == 2 * 2
