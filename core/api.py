@@ -412,22 +412,25 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str
              backend: str = "cpu", plugins: PluginManager | None = None,
              listeners: Iterable[Any] = (), page_layers: bool | None = None
              ) -> EvaluationResult:
-    """Run ``evaluator`` on ``model``. ``page_layers``: drop each decoder layer's
-    memory-mapped pages after its forward, so memory holds about one layer (default: when
-    the mapped layers are larger than half the memory available); the numbers are the
-    same either way."""
+    """Run ``evaluator`` on ``model``. ``page_layers``: drop the memory-mapped pages of each
+    decoder layer, of the embedding and of the head after each of their forwards, so
+    memory holds about one of them (default: when they are mapped and larger than half the
+    memory available); the numbers are the same either way."""
     plugins = plugins or get_plugin_manager()
     ev = build_evaluator(evaluator, options, plugins)
     be = build_backend(backend, plugins)
     be.install_kernels(model)
-    layers = adapter_for(model, plugins).decoder_layers()
+    # the decoder layers, and the embedding and head (as large as a few layers)
+    modules = [model.get_input_embeddings(), *adapter_for(model, plugins).decoder_layers(),
+               model.get_output_embeddings()]
     if page_layers is None:  # a model mapped from files and too big to keep resident
-        page_layers = mapped_bytes(layers) > available_memory_bytes() * DEFAULT_BUDGET_FRACTION
-    paging = page_out_after_forward(layers, be.release_host_memory) if page_layers \
+        page_layers = sum(mapped_bytes(m) for m in modules) > \
+            available_memory_bytes() * DEFAULT_BUDGET_FRACTION
+    paging = page_out_after_forward(modules, be.release_host_memory) if page_layers \
         else nullcontext(0)
     with paging as paged:
         if paged:
-            log.info("evaluating with %d decoder layers paged in and out of memory", paged)
+            log.info("evaluating with %d modules paged in and out of memory", paged)
         result = ev.evaluate(model, tokenizer, be, datasets(plugins))
     plugins.for_run(listeners).hook.qcore_evaluation_finished(result=result)
     return result

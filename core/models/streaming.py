@@ -157,18 +157,18 @@ def release_layer(layer: nn.Module) -> None:
 
 
 @contextmanager
-def page_out_after_forward(layers: Iterable[nn.Module],
+def page_out_after_forward(modules: Iterable[nn.Module],
                            release: Callable[[list[tuple[int, int]]], None]) -> Iterator[int]:
-    """Within the block, each layer's memory-mapped tensors are handed to ``release``
+    """Within the block, each module's memory-mapped tensors are handed to ``release``
     (``Backend.release_host_memory``: their clean pages are dropped, re-read from the file
     when touched again) after each of its forwards, so evaluating a model mapped from its
-    shards keeps about one layer resident. Yields how many layers are mapped from files
-    (only those get the hook)."""
+    shards keeps about one decoder layer resident. Yields how many modules are mapped from
+    files (only those get the hook)."""
     handles = []
-    for layer in layers:
-        ranges = sorted(host_ranges([*layer.parameters(), *layer.buffers()]))
+    for module in modules:
+        ranges = sorted(host_ranges([*module.parameters(), *module.buffers()]))
         if file_backed_bytes(ranges):
-            handles.append(layer.register_forward_hook(
+            handles.append(module.register_forward_hook(
                 lambda *_args, _ranges=ranges: release(_ranges)))
     try:
         yield len(handles)

@@ -148,8 +148,9 @@ def test_a_float32_folder_evaluates_the_same_with_its_layers_paged(
     spy = _PagingSpy(monkeypatch)
     paged = api.evaluate(model, tok, "perplexity", options, plugins=plugins, page_layers=True)
     assert paged.metrics == whole.metrics
-    # each of the 2 layers was paged out after each of the 3 batches
-    assert len(spy.calls) == 2 * 3 and all(spy.calls)
+    # paged out: the embedding and the 2 layers after each of the 3 batches, the head after
+    # each of its 6 calls (one chunk of positions per window)
+    assert len(spy.calls) == 3 * (1 + 2) + 6 and all(spy.calls)
 
 
 def test_a_saved_quantized_model_evaluates_the_same_with_its_layers_paged(
@@ -173,4 +174,4 @@ def test_a_saved_quantized_model_evaluates_the_same_with_its_layers_paged(
     plain = api.evaluate(saved, tok, "perplexity", options, plugins=plugins, page_layers=False)
     spy = _PagingSpy(monkeypatch)
     paged = api.evaluate(saved, tok, "perplexity", options, plugins=plugins, page_layers=True)
-    assert paged.metrics == plain.metrics and len(spy.calls) == 2 * 2
+    assert paged.metrics == plain.metrics and len(spy.calls) == 2 * (1 + 2) + 4
