@@ -84,6 +84,13 @@ class DiskActivations(Sequence[torch.Tensor]):
         view._casts = (*self._casts, dtype)
         return view
 
+    def to(self, device: torch.device) -> DiskActivations:
+        """A view of the same file whose batches are read onto ``device``."""
+        view = object.__new__(DiskActivations)
+        view.__dict__.update(self.__dict__)
+        view.device = device
+        return view
+
     def _read(self, entry: _Entry) -> torch.Tensor:
         if entry.nbytes == 0:
             t = torch.empty(entry.shape, dtype=entry.dtype)

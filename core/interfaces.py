@@ -191,6 +191,16 @@ class Backend(ABC):
     def device(self) -> torch.device: ...
 
     @property
+    def devices(self) -> list[torch.device]:
+        """Every device this backend may place decoder layers on (:mod:`qcore.placement`
+        balances them with accelerate); :attr:`device` is the first."""
+        return [self.device]
+
+    def device_memory_bytes(self, device: torch.device) -> int | None:
+        """Free memory of ``device`` for placing layers (None: unknown, split evenly)."""
+        return None
+
+    @property
     def offload_device(self) -> torch.device:
         return torch.device("cpu")
 

@@ -39,6 +39,7 @@ from qcore.hostmemory import host_ranges
 from qcore.interfaces import Backend, LayerWriter, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter
 from qcore.models.streaming import release_layer
+from qcore.placement import layer_devices, to_device
 from qcore.quant.gptq import HessianAccumulator
 from qcore.quant.kvcache import KVCacheQuantizer
 from qcore.quant.linear import QuantLinear, cached_dequantization, replace_module
@@ -56,18 +57,6 @@ LayerSource = Callable[[str, nn.Module], None]
 
 class _StopForward(Exception):
     pass
-
-
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -155,6 +144,8 @@ class LayerContext:
     scheme: QuantScheme
     backend: Backend
     plugins: Any = None
+    #: where the layer runs: the backend's device, or its share of several devices
+    device: torch.device | None = None
     log: logging.Logger = field(default_factory=lambda: log)
     #: the float layer's outputs on the first len(reference_outputs) batches
     reference_outputs: Sequence[torch.Tensor] = field(default_factory=list)
@@ -162,6 +153,10 @@ class LayerContext:
     #: along the way (the pipeline then skips its own forward of the quantized layer);
     #: they must be what that forward gives
     quantized_outputs: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = self.backend.device
 
     def batch_shapes(self) -> list[tuple[int, ...]]:
         """Each input batch's shape (without reading offloaded batches from disk)."""
@@ -387,12 +382,12 @@ class Precision:
 
 
 @torch.no_grad()
-def _replay(layer: nn.Module, backend: Backend, precision: Precision,
+def _replay(layer: nn.Module, backend: Backend, device: torch.device, precision: Precision,
             inputs: Batches, kwargs: list[dict[str, Any]], outputs: Batches) -> Batches:
     """A finished layer's outputs on every batch, appended to ``outputs``; the layer is
     dropped afterwards."""
     host = _host_ranges(layer)
-    precision.enter(layer, backend.device)
+    precision.enter(layer, device)
     with cached_dequantization():
         for x, kw in zip(precision.cast(inputs), kwargs, strict=True):
             outputs.append(_hidden(layer(x, **kw)))
@@ -404,6 +399,16 @@ def _replay(layer: nn.Module, backend: Backend, precision: Precision,
 def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
     """(address, bytes) of the module's tensors in host memory (whole storages)."""
     return host_ranges([*module.parameters(), *module.buffers()])
+
+
+def _follow(device: torch.device, here: torch.device, inputs: Batches,
+            kwargs: list[dict[str, Any]]) -> tuple[Batches, list[dict[str, Any]], torch.device]:
+    """The batches and keyword arguments on ``device`` (the next layer's), if not there."""
+    if device == here:
+        return inputs, kwargs, here
+    moved = inputs.to(device) if isinstance(inputs, DiskActivations) else \
+        [to_device(x, device) for x in inputs]
+    return moved, to_device(kwargs, device), device
 
 
 def _error_batches(inputs: Sequence[torch.Tensor], windows: int | None) -> int:
@@ -564,7 +569,7 @@ def _run_layers(
     all_fp = propagation == "full" or quantizer.needs_fp_outputs
     inputs, kwargs = capture_first_layer_inputs(model, adapter, calib_ids, backend, batch_size,
                                                 into=new_batches())
-    kwargs = [_move(kw, backend.device) for kw in kwargs]
+    kwargs = [to_device(kw, backend.device) for kw in kwargs]
     # the embedding rows the calibration read (of a memory-mapped checkpoint) are not
     # needed again
     backend.release_host_memory(sorted(_host_ranges(model.get_input_embeddings())))
@@ -574,6 +579,8 @@ def _run_layers(
     windows = sum(x.shape[0] for x in inputs[:n_error])
     need_q = propagation == "quantized"
     layers = adapter.decoder_layers()
+    devices = layer_devices(layers, backend)  # one device: all the backend's
+    here = backend.device  # where the batches are
     report = QuantizationReport(method=quantizer.name, scheme=quantizer.scheme.model_dump())
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -591,7 +598,9 @@ def _run_layers(
                     writer.restore(model, name, modules or {})
                 elif source is not None:
                     source(f"{name}.", layer)
-                inputs = _replay(layer, backend, precision, inputs, work_kwargs,
+                inputs, work_kwargs, here = _follow(devices[index], here, inputs,
+                                                    work_kwargs)
+                inputs = _replay(layer, backend, here, precision, inputs, work_kwargs,
                                  new_batches())
                 report.layers.append(LayerReport.model_validate(saved))
                 bar.update(task, advance=1, info=f"{name} (resumed)")
@@ -600,11 +609,12 @@ def _run_layers(
             if source is not None:
                 source(f"{name}.", layer)
             host_before = _host_ranges(layer)
-            precision.enter(layer, backend.device)
+            inputs, work_kwargs, here = _follow(devices[index], here, inputs, work_kwargs)
+            precision.enter(layer, here)
             inputs = precision.cast(inputs)
             ctx = LayerContext(index=index, name=name, layer=layer, inputs=inputs,
                                kwargs=work_kwargs, adapter=adapter, scheme=quantizer.scheme,
-                               backend=backend, plugins=plugins)
+                               backend=backend, plugins=plugins, device=here)
             with cached_dequantization():  # the layer runs several times; dequantize once
                 hooks = quantizer.float_pass_hooks(ctx)
                 fp_into = new_batches() if all_fp else []

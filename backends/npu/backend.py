@@ -24,6 +24,7 @@ class NPUBackend(Backend):
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self._device = torch.device(device) if device is not None else None
+        self._pinned = device is not None  # one named device: no spreading over the others
 
     @classmethod
     def cluster_resources(cls) -> dict[str, float]:
@@ -45,6 +46,22 @@ class NPUBackend(Backend):
             kernels.torch_npu()  # registers the "npu" device type
             self._device = torch.device("npu", torch.npu.current_device())  # type: ignore
         return self._device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every visible Ascend device (``ASCEND_RT_VISIBLE_DEVICES`` selects them), or the
+        one this backend was built for."""
+        if self._pinned:
+            return [self.device]
+        first = self.device
+        count = int(torch.npu.device_count())  # type: ignore[attr-defined]
+        return [first] + [torch.device("npu", i) for i in range(count) if i != first.index]
+
+    def device_memory_bytes(self, device: torch.device) -> int | None:
+        try:
+            return int(torch.npu.mem_get_info(device)[0])  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):
+            return None
 
     def real_kernels(self) -> dict[str, str]:
         return {"W8A8": "npu_dynamic_quant + npu_quant_matmul (per-token dynamic)",

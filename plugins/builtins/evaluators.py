@@ -19,6 +19,7 @@ from torch import nn
 from qcore.data import tokenize
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
+from qcore.placement import dispatch
 from qcore.reports import EvaluationResult
 
 
@@ -80,7 +81,7 @@ class Perplexity(Evaluator):
             raise ValueError(f"windows={cfg.windows} asked but the text gives only {len(plan)} "
                              f"windows of {cfg.seq_len} tokens")
         model.eval()
-        model.to(backend.device)
+        model = dispatch(model, backend)  # over several devices when the backend has them
         nll, scored = 0.0, 0
         with Progress(disable=not cfg.progress, transient=True) as bar:
             task = bar.add_task("perplexity", total=len(plan))

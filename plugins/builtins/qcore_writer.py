@@ -84,13 +84,16 @@ def quant_specs(module: nn.Module, prefix: str = "", skip_under: tuple[str, ...]
 
 def rebuild_quantized(model: nn.Module, linears: dict[str, Any], kv: dict[str, Any],
                       modules: dict[str, type[nn.Module]], dtype: torch.dtype) -> None:
-    """Empty QuantLinears and KV-cache quantizers in place, from their saved specs (their
-    tensors are assigned afterwards)."""
-    for name, raw in linears.items():
-        spec = QuantLinearSpec.model_validate(raw)
-        transform = build_transform(spec.input_transform, modules, name)
-        replace_module(model, name, QuantLinear(spec, input_transform=transform, dtype=dtype))
-    restore_kv_quantization(model, kv, modules)
+    """Empty QuantLinears and KV-cache quantizers in place, from their saved specs; their
+    tensors are on the meta device (allocating them would hold a second copy of the model
+    until the saved tensors are assigned)."""
+    with torch.device("meta"):
+        for name, raw in linears.items():
+            spec = QuantLinearSpec.model_validate(raw)
+            transform = build_transform(spec.input_transform, modules, name)
+            replace_module(model, name, QuantLinear(spec, input_transform=transform,
+                                                    dtype=dtype))
+        restore_kv_quantization(model, kv, modules)
 
 
 @contextmanager

@@ -506,7 +506,7 @@ class FlatQuantQuantizer(Quantizer):
         with_key = self.scheme.kv_cache is not None and self.config.key_transform
         owner = LayerTransforms(ctx.layer, roles, info.num_heads, info.head_dim,
                                 info.num_kv_heads, self.config, with_key, gen)
-        owner.to(ctx.backend.device)
+        owner.to(ctx.device)
         if self.config.add_diag:
             absmax = ctx.input_absmax([roles["q"], roles["gate"], roles["down"]])
             owner.init_diag(ctx.layer, absmax)
@@ -523,7 +523,7 @@ class FlatQuantQuantizer(Quantizer):
         batches = [(inputs[i * bs:(i + 1) * bs], targets[i * bs:(i + 1) * bs])
                    for i in range(steps_per_epoch)]
         attn = ctx.adapter.roles().attention
-        device = ctx.backend.device
+        device = ctx.device
         amp = cfg.train_dtype == "bfloat16"
 
         def autocast():
