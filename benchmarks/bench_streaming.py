@@ -7,6 +7,7 @@ process (its VmHWM as it exits: loading, calibration, quantization and saving).
     python benchmarks/bench_streaming.py --quick          # 2-layer checkpoints, small calib
     python benchmarks/bench_streaming.py --rows rtn-7b --layers 4
     python benchmarks/bench_streaming.py --rows gptq-1.5b --layers 2 --activation-budget 64MB
+    python benchmarks/bench_streaming.py --rows rtn-7b --evaluate   # + evaluation memory
 
 The checkpoints are built once under ``--work`` (default ~/.cache/qcore/synthetic; 3.5 GB
 for 1.5B, 15 GB for 7B at 28 layers) in ~2 GB bf16 shards with transformers' index. The
@@ -157,6 +158,22 @@ def child(peak_file: str, args: list[str]) -> int:
     return qcore_main(args)
 
 
+def evaluate_output(out: Path) -> list[dict]:
+    """``qcore evaluate`` of a quantized output (one 32-token window of the wiki tail:
+    the memory, not the score, is measured), loaded whole and with ``--stream``."""
+    results = []
+    for flags in ([], ["--stream"]):
+        cmd = ["evaluate", "--model", str(out), "--data", str(WIKI), "--data-part", "tail",
+               "--seq-len", "32", "--windows", "1", "--batch-size", "1", "--json", *flags]
+        seconds, peak, code, output = run_child(cmd)
+        if code != 0:
+            sys.exit(f"evaluating {out} failed (exit {code}):\n{output}")
+        ppl = json.loads(output[output.index("{"):])["perplexity"]
+        results.append({"mode": "--stream" if flags else "whole", "peak_rss_mb": round(peak),
+                        "seconds": round(seconds, 1), "perplexity": ppl})
+    return results
+
+
 def matmul_gflops() -> None:
     """The matmul behind ``Backend.compute_dtype``: a 7B MLP projection (2048 tokens x
     3584 -> 18944) in each dtype, best of 3."""
@@ -188,6 +205,9 @@ def main() -> None:
     parser.add_argument("--activation-budget", dest="activation_budget", metavar="SIZE",
                         help="passed to qcore quantize: offload calibration activations "
                              "beyond SIZE to disk (default: qcore's, half the free memory)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="also evaluate each output (one 32-token window), loaded whole "
+                             "and with --stream, and print the peak RSS of each")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--matmul", action="store_true",
                         help="only time a 7B-shape matmul in float32, bf16 and fp16")
@@ -227,6 +247,8 @@ def main() -> None:
                      "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
                      "output_gb": round(folder_bytes(out) / 1e9, 2)})
         print(f"{row}: {rows[-1]}", file=sys.stderr, flush=True)
+        if args.evaluate:
+            rows[-1]["evaluation"] = evaluate_output(out)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -236,6 +258,13 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    evaluated = [(r, e) for r in rows for e in r.get("evaluation", [])]
+    if evaluated:
+        print("\n| output of | evaluate | peak RSS MB | seconds | perplexity |")
+        print("|---|---|---|---|---|")
+        for r, e in evaluated:
+            print(f"| {r['row']} ({r['output_gb']} GB) | {e['mode']} | {e['peak_rss_mb']} | "
+                  f"{e['seconds']} | {e['perplexity']:.6g} |")
     print(f"\ntorch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
 
 

@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qcore.config import validation_summary
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
-from qcore.hostmemory import page_out_tensors
+from qcore.hostmemory import page_out_file_backed
 from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
 from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
@@ -135,10 +135,11 @@ def verify_tensors(path: Path, state: dict[str, torch.Tensor],
         if list(t.shape) != entry.shape or dtype != entry.dtype:
             raise SavedModelError(f"{file}: tensor {name} is {dtype} {list(t.shape)}, the "
                                   f"manifest says {entry.dtype} {entry.shape}")
-        if tensor_digest(t) != entry.sha256:
+        # a mapped tensor's pages go again as soon as they are hashed
+        if tensor_digest(t, after_chunk=lambda c: page_out_file_backed(
+                [(c.data_ptr(), c.numel())])) != entry.sha256:
             raise SavedModelError(f"{file}: tensor {name} was altered after saving (its "
                                   "SHA-256 differs from the manifest)")
-        page_out_tensors([t])  # a mapped tensor's pages, read for the digest, go again
 
 
 HEADER = {"format": "pt", HEADER_KEY: str(FORMAT_VERSION)}

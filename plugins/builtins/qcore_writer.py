@@ -56,10 +56,22 @@ DEFAULT_MAX_SHARD_SIZE = "500MB"
 PROGRESS_FILE = "qcore-progress.json"
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (C order)."""
+#: bytes hashed at once by :func:`tensor_digest`
+DIGEST_CHUNK = 64 * 2**20
+
+
+def tensor_digest(tensor: torch.Tensor,
+                  after_chunk: Callable[[torch.Tensor], Any] | None = None) -> str:
+    """SHA-256 of a tensor's bytes (C order), read ``DIGEST_CHUNK`` bytes at a time;
+    ``after_chunk(chunk)`` runs after each (e.g. to drop the pages of a mapped tensor)."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy()).hexdigest()
+    digest = hashlib.sha256()
+    for start in range(0, data.numel(), DIGEST_CHUNK):
+        chunk = data[start: start + DIGEST_CHUNK]
+        digest.update(chunk.numpy())
+        if after_chunk is not None:
+            after_chunk(chunk)
+    return digest.hexdigest()
 
 
 def manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -159,3 +159,16 @@ def test_manifest_lists_every_tensor_with_its_digest(saved):
                                          "dtype": str(t.dtype).removeprefix("torch."),
                                          "sha256": tensor_digest(t)}
 
+
+
+def test_the_digest_read_in_chunks_is_the_sha256_of_the_whole_tensor(monkeypatch):
+    import hashlib
+
+    from qcore_builtins import qcore_writer
+
+    t = torch.randn(1000, 7).to(torch.bfloat16)
+    whole = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    monkeypatch.setattr(qcore_writer, "DIGEST_CHUNK", 999)  # 15 chunks, the last partial
+    chunks = []
+    assert qcore_writer.tensor_digest(t, after_chunk=chunks.append) == whole
+    assert len(chunks) == 15 and sum(c.numel() for c in chunks) == 14000
