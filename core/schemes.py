@@ -36,6 +36,12 @@ class QuantArgs(BaseModel):
     observer: Literal["minmax", "mse"] = Field(
         default="minmax", description="how each row's/group's range is chosen "
                                       "(qcore.quant.observers)")
+    symmetric_range: Literal["signed", "full"] = Field(
+        default="signed", description="symmetric scale: max |x| maps to 2^(b-1) - 1 (signed: "
+                                      "SmoothQuant's, and vLLM's int8 kernels') or to "
+                                      "(2^b - 1) / 2 (full: compressed-tensors' own fake "
+                                      "quantization); codes are clamped to [-2^(b-1), "
+                                      "2^(b-1) - 1] either way")
 
     @model_validator(mode="after")
     def _check_group(self) -> QuantArgs:

@@ -85,8 +85,8 @@ def supports(module: QuantLinear) -> bool:
         return False
     if w.granularity not in ("channel", "tensor"):
         return False
-    if a.granularity == "token" and not a.dynamic:
-        return False
+    if a.granularity == "token" and (not a.dynamic or a.symmetric_range != "signed"):
+        return False  # the kernel's per-token scale is max |x| / 127
     if a.granularity == "tensor" and module.input_scale is None:
         return False
     return module.qweight.device.type == "cpu" and module.input_transform is None

@@ -124,4 +124,5 @@ def supports_weight_only(module: QuantLinear) -> bool:
 def supports_w8a8_dynamic(module: QuantLinear) -> bool:
     w, a = module.spec.weights, module.spec.activations
     return (a is not None and a.bits == 8 and a.symmetric and a.granularity == "token"
+            and a.symmetric_range == "signed"  # npu_dynamic_quant: max |x| / 127
             and w.bits == 8 and w.symmetric and module.spec.n_groups == 1)

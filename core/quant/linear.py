@@ -31,10 +31,10 @@ from torch import nn
 
 from qcore.quant.packing import pack_codes, packed_width, unpack_codes
 from qcore.quant.qparams import (
+    args_qparams,
     dequantize_weight,
     fake_quantize_activation,
     group_index,
-    qparams_from_range,
     quantize_weight,
     weight_qparams,
 )
@@ -211,8 +211,7 @@ class QuantLinear(nn.Module):
         args = self.spec.activations
         if args is None or self.input_scale is None:
             raise ValueError("set_input_range needs static activation quantization")
-        scale, zero = qparams_from_range(lo * args.clip_ratio, hi * args.clip_ratio, args.bits,
-                                         args.symmetric)
+        scale, zero = args_qparams(lo * args.clip_ratio, hi * args.clip_ratio, args)
         self.input_scale.copy_(scale)
         self.input_zero.copy_(zero)
         return float(scale)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcore.quant.qparams import fake_quantize, qparams_from_range
+from qcore.quant.qparams import args_qparams, fake_quantize
 from qcore.schemes import QuantArgs
 
 
@@ -41,7 +41,7 @@ def find_params(x: torch.Tensor, args: QuantArgs, mse: MSEClip | None = None
         mse = MSEClip()
     xmin = x.amin(dim=1, keepdim=True) * args.clip_ratio
     xmax = x.amax(dim=1, keepdim=True) * args.clip_ratio
-    scale, zero = qparams_from_range(xmin, xmax, args.bits, args.symmetric)
+    scale, zero = args_qparams(xmin, xmax, args)
     if mse is None:
         return scale, zero
     steps = int(mse.max_shrink * mse.grid)
@@ -52,7 +52,7 @@ def find_params(x: torch.Tensor, args: QuantArgs, mse: MSEClip | None = None
         p = 1 - torch.arange(start, min(start + chunk, steps), device=x.device,
                              dtype=x.dtype) / mse.grid
         p = p.view(-1, 1, 1)
-        s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.symmetric)
+        s, z = args_qparams(p * xmin, p * xmax, args)
         err = (fake_quantize(x.unsqueeze(0), s, z, args.bits) - x).abs_().pow_(mse.norm)
         err = err.sum(dim=2, keepdim=True)  # (k, rows, 1)
         err_min, arg = err.min(dim=0)       # first minimum = the reference's strict "<"

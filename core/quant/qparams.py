@@ -15,16 +15,19 @@ from qcore.schemes import QuantArgs
 
 
 def qparams_from_range(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and (float-valued, integral) zero point from a range; shapes are kept."""
+    """Scale and (float-valued, integral) zero point from a range; shapes are kept.
+    Symmetric: max |x| maps to ``2^(b-1) - 1``, or to ``(2^b - 1) / 2`` with
+    ``full_range`` (compressed-tensors' convention, ``QuantArgs.symmetric_range``)."""
     qmax = 2**bits - 1
     xmin = xmin.clamp(max=0)  # clamp, not minimum(): gradient 1 at the bound, as FlatQuant's
     xmax = xmax.clamp(min=0)
     if symmetric:
         half = 2 ** (bits - 1)
         absmax = torch.maximum(-xmin, xmax)
-        scale = absmax.clamp(min=1e-5) / (half - 1)
+        scale = absmax.clamp(min=1e-5) / (qmax / 2 if full_range else half - 1)
         zero = torch.full_like(scale, float(half))
     else:
         scale = (xmax - xmin).clamp(min=1e-5) / qmax
@@ -33,12 +36,20 @@ def qparams_from_range(
 
 
 def qparams_lastdim(
-    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0
+    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max qparams over the last dimension (kept as size 1)."""
     xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
     xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
-    return qparams_from_range(xmin, xmax, bits, symmetric)
+    return qparams_from_range(xmin, xmax, bits, symmetric, full_range)
+
+
+def args_qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qparams_from_range` with the bits and conventions of ``args``."""
+    return qparams_from_range(xmin, xmax, args.bits, args.symmetric,
+                              args.symmetric_range == "full")
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,7 +109,8 @@ def weight_qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
     layout."""
     view = group_view(weight.float(), args)
     if args.observer == "minmax":
-        scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio)
+        scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio,
+                                      args.symmetric_range == "full")
     else:
         from qcore.quant.observers import find_params
 
@@ -190,15 +202,14 @@ def fake_quantize_activation(
     """Per-token dynamic (over the last dim) or per-tensor static activation fake quant."""
     xf = x.float()
     if args.granularity == "token":
-        scale, zero = qparams_lastdim(xf, args.bits, args.symmetric, args.clip_ratio)
+        scale, zero = qparams_lastdim(xf, args.bits, args.symmetric, args.clip_ratio,
+                                      args.symmetric_range == "full")
     else:
         if static_scale is None or static_zero is None:
             if not args.dynamic:
                 raise ValueError("static per-tensor activation quantization needs a scale")
-            scale, zero = qparams_from_range(
-                xf.amin() * args.clip_ratio, xf.amax() * args.clip_ratio, args.bits,
-                args.symmetric,
-            )
+            scale, zero = args_qparams(xf.amin() * args.clip_ratio,
+                                       xf.amax() * args.clip_ratio, args)
         else:
             scale, zero = static_scale, static_zero
     return fake_quantize(xf, scale, zero, args.bits).to(x.dtype)

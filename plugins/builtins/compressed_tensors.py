@@ -166,6 +166,25 @@ def export_plan(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
     return qconfig, formats
 
 
+#: config.json key of what qcore records beside quantization_config
+NOTE_KEY = "qcore"
+#: the symmetric activation scale convention of the exported model (QuantArgs.
+#: symmetric_range): vLLM's int8 kernels divide max |x| by 127 ("signed", qcore's
+#: default), compressed-tensors' own fake quantization by 127.5 ("full"); the config
+#: cannot say which, so a qcore export records it and a checkpoint without the note is
+#: read with compressed-tensors' convention
+ACTIVATION_RANGE_KEY = "activation_symmetric_range"
+
+
+def _qcore_note(path: Path) -> dict[str, Any]:
+    try:
+        note = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(
+            NOTE_KEY)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
 # ----------------------------------------------------------------------------- reading
 def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     for pattern in patterns:
@@ -177,17 +196,20 @@ def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     return False
 
 
-def _qcore_args(raw: dict[str, Any], where: str) -> QuantArgs:
+def _qcore_args(raw: dict[str, Any], where: str, symmetric_range: str = "signed"
+                ) -> QuantArgs:
     if raw.get("type", "int") != "int":
         raise SavedModelError(f"{where}: {raw.get('type')} quantization; qcore reads integer "
                               "schemes")
     strategy = raw.get("strategy") or ("group" if raw.get("group_size") else "tensor")
     if strategy not in ("channel", "group", "token", "tensor"):
         raise SavedModelError(f"{where}: strategy {strategy!r} is not supported")
-    return QuantArgs(bits=raw.get("num_bits", 8), symmetric=raw.get("symmetric", True),
+    symmetric = raw.get("symmetric", True)
+    return QuantArgs(bits=raw.get("num_bits", 8), symmetric=symmetric,
                      granularity=strategy,
                      group_size=raw.get("group_size") if strategy == "group" else None,
-                     dynamic=bool(raw.get("dynamic", False)))
+                     dynamic=bool(raw.get("dynamic", False)),
+                     symmetric_range=symmetric_range if symmetric else "signed")
 
 
 def _scheme_for(name: str, module: nn.Module, qconfig: dict[str, Any]
@@ -201,13 +223,16 @@ def _scheme_for(name: str, module: nn.Module, qconfig: dict[str, Any]
 
 
 def load_linear(name: str, linear: nn.Linear, group: dict[str, Any], fmt: str,
-                tensors: SafetensorsFolder, dtype: torch.dtype) -> QuantLinear:
-    """One QuantLinear from its stored codes, scales and zero points (no float weight)."""
+                tensors: SafetensorsFolder, dtype: torch.dtype,
+                activation_range: str = "full") -> QuantLinear:
+    """One QuantLinear from its stored codes, scales and zero points (no float weight).
+    ``activation_range``: the symmetric activation scale convention (compressed-tensors'
+    own, "full", unless the export recorded qcore's)."""
     if group.get("weights") is None:
         raise SavedModelError(f"{name}: a config group without weights is not supported")
     w = _qcore_args(group["weights"], f"{name} weights")
     acts = group.get("input_activations")
-    a = _qcore_args(acts, f"{name} input_activations") if acts else None
+    a = _qcore_args(acts, f"{name} input_activations", activation_range) if acts else None
     n, k = linear.out_features, linear.in_features
     groups = k // w.group_size if w.granularity == "group" else 1
     spec = QuantLinearSpec(in_features=k, out_features=n, bias=linear.bias is not None,
@@ -290,11 +315,19 @@ class CompressedTensorsFormat(Format):
         for name, fmt in formats.items():
             tensors.update(linear_tensors(name, modules[name], fmt))
         max_shard = metadata.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE
+        ranges = {m.spec.activations.symmetric_range for n in formats
+                  if (m := modules[n]).spec.activations is not None
+                  and m.spec.activations.symmetric}
+        if len(ranges) > 1:
+            raise NotExpressible("symmetric activations with both scale conventions "
+                                 "(symmetric_range signed and full) in one model")
         with atomic_directory(path) as tmp:
             files = write_safetensors(tensors, tmp, max_shard)
             model.config.save_pretrained(tmp)
             config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
             config["quantization_config"] = qconfig
+            if ranges:  # outside quantization_config, which vLLM validates
+                config[NOTE_KEY] = {ACTIVATION_RANGE_KEY: ranges.pop()}
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
                                              + "\n")
             if getattr(model, "generation_config", None) is not None:
@@ -332,7 +365,10 @@ class CompressedTensorsFormat(Format):
             if found is None:
                 return None
             group, fmt = found
-            return load_linear(name, linear, group, fmt, tensors, dtype)
+            return load_linear(name, linear, group, fmt, tensors, dtype, activation_range)
+
+        recorded = _qcore_note(path).get(ACTIVATION_RANGE_KEY)
+        activation_range = recorded if recorded in ("signed", "full") else "full"
 
         model, tokenizer, quantized = assemble(path, tensors, make)
         meta = {"format": self.name, "quantization_config": qconfig,

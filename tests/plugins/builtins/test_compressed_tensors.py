@@ -180,3 +180,68 @@ def test_a_tensor_of_the_wrong_shape_is_named(tiny_folder, tmp_path):
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(SavedModelError, match=name):
         api.load_model(str(tmp_path / "ct"))
+
+
+def _full_range_w8a8():
+    from qcore.schemes import get_scheme
+
+    scheme = get_scheme("W8A8")
+    return scheme.model_copy(update={"activations": scheme.activations.model_copy(
+        update={"symmetric_range": "full"})})
+
+
+def test_compressed_tensors_activation_convention_is_reproduced(one_thread):
+    """compressed-tensors maps max |x| to 127.5 (its own fake quantization, what
+    transformers runs); qcore's default, like vLLM's int8 kernels, to 127."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from qcore.quant.qparams import fake_quantize_activation
+
+    x = torch.randn(6, 40) * torch.linspace(0.1, 20, 40)
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
+                            dynamic=True)
+    scale, zp = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+    theirs = fake_quantize(x, scale, zp, args)
+    full = _full_range_w8a8().activations
+    assert torch.equal(fake_quantize_activation(x, full), theirs)
+    signed = full.model_copy(update={"symmetric_range": "signed"})
+    assert not torch.equal(fake_quantize_activation(x, signed), theirs)
+
+
+def test_the_activation_convention_survives_the_round_trip_and_picks_the_kernel(
+        tiny_folder, tmp_path):
+    from qcore_backends.cpu.backend import CPUBackend
+
+    for scheme, expected in (("W8A8", "signed"), (_full_range_w8a8(), "full")):
+        out = tmp_path / f"ct-{expected}"
+        result = _quantize(tiny_folder, scheme, save=out, fmt="compressed-tensors")
+        config = json.loads((out / "config.json").read_text())
+        assert config["qcore"] == {"activation_symmetric_range": expected}
+        back, _, _ = api.load_model(str(out))
+        for name, module in _quant_linears(back).items():
+            assert module.spec.activations.symmetric_range == expected, name
+            # the int8 kernel's scale is max |x| / 127: not for the full convention
+            assert (CPUBackend().kernel_for(module) is None) == (expected == "full")
+        assert torch.equal(_quant_linears(back)["model.layers.0.mlp.down_proj"].qweight,
+                           _quant_linears(result.model)["model.layers.0.mlp.down_proj"].qweight)
+    # a checkpoint without qcore's note (llm-compressor's) is read with its own convention
+    del config["qcore"]
+    (out / "config.json").write_text(json.dumps(config))
+    back, _, _ = api.load_model(str(out))
+    assert {m.spec.activations.symmetric_range for m in _quant_linears(back).values()} == \
+        {"full"}
+
+
+def test_transformers_runs_a_full_range_w8a8_export_as_qcore_does(tiny_folder, tmp_path,
+                                                                  one_thread):
+    from transformers import AutoModelForCausalLM
+
+    result = _quantize(tiny_folder, _full_range_w8a8(), save=tmp_path / "ct",
+                       fmt="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ids = torch.arange(2, 34).reshape(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits,
+                                   result.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
