@@ -100,6 +100,10 @@ def layer_type(name: str, m: QuantLinear) -> str:
                              "W8A8 types take int8 symmetric per-channel weights")
     if a.bits == 8 and a.clip_ratio == 1.0:
         if a.granularity == "token" and a.dynamic and a.symmetric:
+            if a.symmetric_range != "signed":
+                raise NotExpressible(f"{name}: per-token activations scaled by max |x| / "
+                                     "127.5 (symmetric_range full); W8A8_DYNAMIC's "
+                                     "npu_dynamic_quant divides by 127")
             return "W8A8_DYNAMIC"
         if a.granularity == "tensor" and not a.dynamic:
             return "W8A8"

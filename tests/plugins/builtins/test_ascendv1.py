@@ -150,3 +150,15 @@ def test_what_ascendv1_cannot_hold_is_refused(tiny_folder, tmp_path):
                                           r"with activations"):
         api.export_model(str(tmp_path / "w4a4"), "ascendv1", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_full_range_activations_are_refused_for_w8a8_dynamic(tiny_folder, tmp_path):
+    from qcore.schemes import get_scheme
+
+    scheme = get_scheme("W8A8")
+    scheme = scheme.model_copy(update={"activations": scheme.activations.model_copy(
+        update={"symmetric_range": "full"})})
+    _quantize(tiny_folder, "rtn", scheme, save=tmp_path / "full")
+    with pytest.raises(ConfigError, match=r"max \|x\| / 127\.5 .*npu_dynamic_quant divides "
+                                          r"by 127"):
+        api.export_model(str(tmp_path / "full"), "ascendv1", tmp_path / "y")
