@@ -120,6 +120,17 @@ def host_ranges(tensors: Iterable[Any]) -> set[tuple[int, int]]:
     return ranges
 
 
+def module_ranges(module: Any) -> set[tuple[int, int]]:
+    """:func:`host_ranges` of a module's parameters and buffers."""
+    return host_ranges([*module.parameters(), *module.buffers()])
+
+
+def page_out_view(view: Any) -> int:
+    """:func:`page_out_file_backed` for the bytes of one tensor view only (a chunk of a
+    mapped tensor being read), not its whole storage."""
+    return page_out_file_backed([(view.data_ptr(), view.numel() * view.element_size())])
+
+
 def page_out_tensors(tensors: Iterable[Any]) -> int:
     """:func:`page_out_file_backed` for the storages of these CPU tensors (those mapped
     from a file: a checkpoint's, or one just written and read back)."""

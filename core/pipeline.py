@@ -35,7 +35,7 @@ from torch import nn
 from qcore.activations import ActivationPlan, DiskActivations, plan_activations
 from qcore.errors import NonFiniteError
 from qcore.finite import all_finite, nonfinite_tensors
-from qcore.hostmemory import host_ranges
+from qcore.hostmemory import module_ranges
 from qcore.interfaces import Backend, LayerWriter, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter
 from qcore.models.streaming import release_layer
@@ -228,7 +228,7 @@ class LayerContext:
         """Put ``module`` in place of submodule ``name``; the host memory of the replaced
         module's tensors (pages of a memory-mapped checkpoint) is released right away."""
         old = replace_module(self.layer, name, module)
-        self.backend.release_host_memory(sorted(_host_ranges(old)))
+        self.backend.release_host_memory(sorted(module_ranges(old)))
         return old
 
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -386,7 +386,7 @@ def _replay(layer: nn.Module, backend: Backend, device: torch.device, precision:
             inputs: Batches, kwargs: list[dict[str, Any]], outputs: Batches) -> Batches:
     """A finished layer's outputs on every batch, appended to ``outputs``; the layer is
     dropped afterwards."""
-    host = _host_ranges(layer)
+    host = module_ranges(layer)
     precision.enter(layer, device)
     with cached_dequantization():
         for x, kw in zip(precision.cast(inputs), kwargs, strict=True):
@@ -394,11 +394,6 @@ def _replay(layer: nn.Module, backend: Backend, device: torch.device, precision:
     release_layer(layer)
     backend.release_host_memory(sorted(host))
     return precision.store(outputs)
-
-
-def _host_ranges(module: nn.Module) -> set[tuple[int, int]]:
-    """(address, bytes) of the module's tensors in host memory (whole storages)."""
-    return host_ranges([*module.parameters(), *module.buffers()])
 
 
 def _follow(device: torch.device, here: torch.device, inputs: Batches,
@@ -572,7 +567,7 @@ def _run_layers(
     kwargs = [to_device(kw, backend.device) for kw in kwargs]
     # the embedding rows the calibration read (of a memory-mapped checkpoint) are not
     # needed again
-    backend.release_host_memory(sorted(_host_ranges(model.get_input_embeddings())))
+    backend.release_host_memory(sorted(module_ranges(model.get_input_embeddings())))
     precision = Precision.of(model, backend, forwards=bool(inputs))
     work_kwargs = precision.cast(kwargs)
     n_error = _error_batches(inputs, error_windows)  # batches keep their sizes layer to layer
@@ -608,7 +603,7 @@ def _run_layers(
                 continue
             if source is not None:
                 source(f"{name}.", layer)
-            host_before = _host_ranges(layer)
+            host_before = module_ranges(layer)
             inputs, work_kwargs, here = _follow(devices[index], here, inputs, work_kwargs)
             precision.enter(layer, here)
             inputs = precision.cast(inputs)
@@ -650,7 +645,7 @@ def _run_layers(
             if writer is not None:
                 writer.write(name, layer, layer_report.model_dump(mode="json"))
                 release_layer(layer)
-            backend.release_host_memory(sorted(host_before - _host_ranges(layer)))
+            backend.release_host_memory(sorted(host_before - module_ranges(layer)))
             backend.synchronize()
             backend.empty_cache()
             report.layers.append(layer_report)

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qcore.errors import ConfigError, NonFiniteError
 from qcore.finite import describe_nonfinite, is_finite
-from qcore.hostmemory import file_backed_bytes, host_ranges, page_out_file_backed
+from qcore.hostmemory import file_backed_bytes, module_ranges, page_out_view
 from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,10 @@ class StreamedCheckpoint:
         self._fill(layer, prefix, self._meta_names(layer))
 
 
-def _page_out(chunk: torch.Tensor) -> None:
-    page_out_file_backed([(chunk.data_ptr(), chunk.numel() * chunk.element_size())])
-
-
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     """Check a source tensor a chunk at a time, dropping each chunk's pages once read when
     it is mapped from the checkpoint (a no-op for a converted copy)."""
-    if not is_finite(tensor, after_chunk=_page_out):
+    if not is_finite(tensor, after_chunk=page_out_view):
         raise NonFiniteError(
             f"source weight {name} holds {describe_nonfinite(tensor)}: the checkpoint is "
             "corrupt or was saved after a diverged training step; nothing was quantized")
@@ -166,7 +162,7 @@ def page_out_after_forward(modules: Iterable[nn.Module],
     files (only those get the hook)."""
     handles = []
     for module in modules:
-        ranges = sorted(host_ranges([*module.parameters(), *module.buffers()]))
+        ranges = sorted(module_ranges(module))
         if file_backed_bytes(ranges):
             handles.append(module.register_forward_hook(
                 lambda *_args, _ranges=ranges: release(_ranges)))
@@ -180,4 +176,4 @@ def page_out_after_forward(modules: Iterable[nn.Module],
 def mapped_bytes(module: nn.Module) -> int:
     """Bytes of ``module``'s tensors that are mapped from files (a streamed checkpoint or
     a saved model read back)."""
-    return file_backed_bytes(host_ranges([*module.parameters(), *module.buffers()]))
+    return file_backed_bytes(module_ranges(module))

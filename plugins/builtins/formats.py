@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qcore.config import validation_summary
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
-from qcore.hostmemory import page_out_file_backed
+from qcore.hostmemory import page_out_view
 from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
 from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
@@ -136,8 +136,7 @@ def verify_tensors(path: Path, state: dict[str, torch.Tensor],
             raise SavedModelError(f"{file}: tensor {name} is {dtype} {list(t.shape)}, the "
                                   f"manifest says {entry.dtype} {entry.shape}")
         # a mapped tensor's pages go again as soon as they are hashed
-        if tensor_digest(t, after_chunk=lambda c: page_out_file_backed(
-                [(c.data_ptr(), c.numel())])) != entry.sha256:
+        if tensor_digest(t, after_chunk=page_out_view) != entry.sha256:
             raise SavedModelError(f"{file}: tensor {name} was altered after saving (its "
                                   "SHA-256 differs from the manifest)")
 
