@@ -79,16 +79,15 @@ class DiskActivations(Sequence[torch.Tensor]):
     def cast(self, dtype: torch.dtype) -> DiskActivations:
         """A view of the same file whose batches are converted to ``dtype`` as they are
         read (after the casts of this view, so rounding is what eager casts would do)."""
-        view = object.__new__(DiskActivations)
-        view.__dict__.update(self.__dict__)
-        view._casts = (*self._casts, dtype)
-        return view
+        return self._view(_casts=(*self._casts, dtype))
 
     def to(self, device: torch.device) -> DiskActivations:
         """A view of the same file whose batches are read onto ``device``."""
+        return self._view(device=device)
+
+    def _view(self, **changes: object) -> DiskActivations:
         view = object.__new__(DiskActivations)
-        view.__dict__.update(self.__dict__)
-        view.device = device
+        view.__dict__.update(self.__dict__, **changes)
         return view
 
     def _read(self, entry: _Entry) -> torch.Tensor:

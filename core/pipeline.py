@@ -158,11 +158,15 @@ class LayerContext:
         if self.device is None:
             self.device = self.backend.device
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether the inputs live on disk (the run's activations exceed its budget): a
+        quantizer should then keep no copy of them in memory."""
+        return isinstance(self.inputs, DiskActivations)
+
     def batch_shapes(self) -> list[tuple[int, ...]]:
         """Each input batch's shape (without reading offloaded batches from disk)."""
-        if isinstance(self.inputs, DiskActivations):
-            return self.inputs.shapes()
-        return [tuple(x.shape) for x in self.inputs]
+        return batch_shapes(self.inputs)
 
     def batch_tokens(self) -> list[int]:
         """Tokens (windows x positions) of each input batch."""
@@ -406,18 +410,25 @@ def _follow(device: torch.device, here: torch.device, inputs: Batches,
     return moved, to_device(kwargs, device), device
 
 
-def _error_batches(inputs: Sequence[torch.Tensor], windows: int | None) -> int:
+def batch_shapes(batches: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Each batch's shape, without reading offloaded batches from disk."""
+    if isinstance(batches, DiskActivations):
+        return batches.shapes()
+    return [tuple(x.shape) for x in batches]
+
+
+def _error_batches(windows_per_batch: list[int], windows: int | None) -> int:
     """How many leading batches cover at least ``windows`` windows (None: all)."""
     if windows is None:
-        return len(inputs)
+        return len(windows_per_batch)
     if windows == 0:
         return 0
     seen = 0
-    for b in range(len(inputs)):
-        seen += inputs[b].shape[0]
+    for b, n in enumerate(windows_per_batch):
+        seen += n
         if seen >= windows:
             return b + 1
-    return len(inputs)
+    return len(windows_per_batch)
 
 
 def relative_mse(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
@@ -570,8 +581,9 @@ def _run_layers(
     backend.release_host_memory(sorted(module_ranges(model.get_input_embeddings())))
     precision = Precision.of(model, backend, forwards=bool(inputs))
     work_kwargs = precision.cast(kwargs)
-    n_error = _error_batches(inputs, error_windows)  # batches keep their sizes layer to layer
-    windows = sum(x.shape[0] for x in inputs[:n_error])
+    sizes = [shape[0] for shape in batch_shapes(inputs)]  # kept layer to layer
+    n_error = _error_batches(sizes, error_windows)
+    windows = sum(sizes[:n_error])
     need_q = propagation == "quantized"
     layers = adapter.decoder_layers()
     devices = layer_devices(layers, backend)  # one device: all the backend's

@@ -31,25 +31,34 @@ def _max_memory(backend: Backend) -> dict[int, int]:
             for i, d in enumerate(backend.devices)}
 
 
+def _balanced_map(module: nn.Module, no_split: list[str], backend: Backend,
+                  label: str = "") -> dict[str, torch.device]:
+    """accelerate's balanced device map of ``module`` over ``backend.devices`` (submodule
+    name -> device; ``no_split`` classes never split); a submodule accelerate could place
+    on no device is refused by name (``label`` + its name)."""
+    devices = backend.devices
+    balanced = get_balanced_memory(module, max_memory=_max_memory(backend),
+                                   no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(module, max_memory=balanced,
+                                       no_split_module_classes=no_split)
+    unplaced = {k: v for k, v in device_map.items() if not isinstance(v, int)}
+    if unplaced:
+        name, where = next(iter(unplaced.items()))
+        raise RuntimeError(f"{label}{name or 'the model'} does not fit on any of "
+                           f"{', '.join(map(str, devices))} (accelerate placed it on "
+                           f"{where!r})")
+    return {k: devices[v] for k, v in device_map.items()}
+
+
 def layer_devices(layers: nn.ModuleList, backend: Backend) -> list[torch.device]:
     """The device of each decoder layer: accelerate's balanced map of ``layers`` over
     ``backend.devices`` (a layer is never split); the backend's device when it has one."""
     devices = backend.devices
     if len(devices) <= 1 or len(layers) == 0:
         return [backend.device] * len(layers)
-    no_split = sorted({type(layer).__name__ for layer in layers})
-    balanced = get_balanced_memory(layers, max_memory=_max_memory(backend),
-                                   no_split_module_classes=no_split)
-    device_map = infer_auto_device_map(layers, max_memory=balanced,
-                                       no_split_module_classes=no_split)
-    placed = []
-    for i in range(len(layers)):
-        where = device_map.get(str(i), device_map.get("", None))
-        if not isinstance(where, int):
-            raise RuntimeError(f"decoder layer {i} does not fit on any of "
-                               f"{', '.join(map(str, devices))} (accelerate placed it on "
-                               f"{where!r})")
-        placed.append(devices[where])
+    device_map = _balanced_map(layers, sorted({type(layer).__name__ for layer in layers}),
+                               backend, label="decoder layer ")
+    placed = [device_map.get(str(i), device_map.get("")) for i in range(len(layers))]
     log.info("decoder layers over %d devices: %s", len(devices),
              ", ".join(f"{d}: {placed.count(d)}" for d in devices))
     return placed
@@ -63,18 +72,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def model_device_map(model: nn.Module, backend: Backend) -> dict[str, torch.device]:
     """accelerate's balanced device map of the whole model over ``backend.devices``
     (module name -> device; decoder layers never split)."""
-    devices = backend.devices
-    no_split = sorted({type(layer).__name__ for layer in _decoder_layers(model)})
-    balanced = get_balanced_memory(model, max_memory=_max_memory(backend),
-                                   no_split_module_classes=no_split)
-    device_map = infer_auto_device_map(model, max_memory=balanced,
-                                       no_split_module_classes=no_split)
-    unplaced = {k: v for k, v in device_map.items() if not isinstance(v, int)}
-    if unplaced:
-        name, where = next(iter(unplaced.items()))
-        raise RuntimeError(f"{name} does not fit on any of {', '.join(map(str, devices))} "
-                           f"(accelerate placed it on {where!r})")
-    return {k: devices[v] for k, v in device_map.items()}
+    return _balanced_map(model, sorted({type(layer).__name__
+                                        for layer in _decoder_layers(model)}), backend)
 
 
 def dispatch(model: nn.Module, backend: Backend) -> nn.Module:

@@ -55,6 +55,11 @@ class QuantArgs(BaseModel):
         return self
 
     @property
+    def full_range(self) -> bool:
+        """Symmetric scales over (2^b - 1) / 2 (``symmetric_range == "full"``)."""
+        return self.symmetric_range == "full"
+
+    @property
     def qmax(self) -> int:
         return 2**self.bits - 1
 

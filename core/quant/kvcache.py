@@ -47,7 +47,7 @@ def fake_quantize_heads(x: torch.Tensor, args: QuantArgs, ste: bool = False) -> 
         raise ValueError(f"KV group size {group} does not divide head_dim {head_dim}")
     view = x.float().reshape(*x.shape[:-1], head_dim // group, group)
     scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio,
-                                  args.symmetric_range == "full")
+                                  args.full_range)
     return fake_quantize(view, scale, zero, args.bits, ste).reshape(x.shape).to(x.dtype)
 
 

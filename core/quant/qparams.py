@@ -49,7 +49,7 @@ def args_qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`qparams_from_range` with the bits and conventions of ``args``."""
     return qparams_from_range(xmin, xmax, args.bits, args.symmetric,
-                              args.symmetric_range == "full")
+                              args.full_range)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def weight_qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
     view = group_view(weight.float(), args)
     if args.observer == "minmax":
         scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio,
-                                      args.symmetric_range == "full")
+                                      args.full_range)
     else:
         from qcore.quant.observers import find_params
 
@@ -203,7 +203,7 @@ def fake_quantize_activation(
     xf = x.float()
     if args.granularity == "token":
         scale, zero = qparams_lastdim(xf, args.bits, args.symmetric, args.clip_ratio,
-                                      args.symmetric_range == "full")
+                                      args.full_range)
     else:
         if static_scale is None or static_zero is None:
             if not args.dynamic:

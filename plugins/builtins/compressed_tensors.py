@@ -359,6 +359,8 @@ class CompressedTensorsFormat(Format):
         if not qconfig.get("config_groups"):
             raise SavedModelError(f"{path}: quantization_config has no config_groups")
         tensors = SafetensorsFolder(path, error=SavedModelError)
+        recorded = _qcore_note(path).get(ACTIVATION_RANGE_KEY)
+        activation_range = recorded if recorded in ("signed", "full") else "full"
 
         def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
             found = _scheme_for(name, linear, qconfig)
@@ -366,9 +368,6 @@ class CompressedTensorsFormat(Format):
                 return None
             group, fmt = found
             return load_linear(name, linear, group, fmt, tensors, dtype, activation_range)
-
-        recorded = _qcore_note(path).get(ACTIVATION_RANGE_KEY)
-        activation_range = recorded if recorded in ("signed", "full") else "full"
 
         model, tokenizer, quantized = assemble(path, tensors, make)
         meta = {"format": self.name, "quantization_config": qconfig,

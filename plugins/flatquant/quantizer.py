@@ -516,7 +516,7 @@ class FlatQuantQuantizer(Quantizer):
         cfg = self.config
         inputs = torch.cat(list(ctx.inputs))
         targets = torch.cat(list(ctx.fp_outputs))
-        kw = _shared_kwargs(ctx.kwargs, ctx.inputs[0].shape[0])
+        kw = _shared_kwargs(ctx.kwargs, ctx.batch_shapes()[0][0])
         n = inputs.shape[0]
         bs = min(cfg.batch_size, n)
         steps_per_epoch = n // bs

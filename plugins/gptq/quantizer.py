@@ -212,7 +212,7 @@ class GPTQQuantizer(Quantizer):
         reuse = self._reuse_fits(ctx, roles)
         # inputs offloaded to disk (over the activation budget): keep no activations in
         # memory between passes; each group's pass runs from the layer's inputs
-        lean = not isinstance(ctx.inputs, list)
+        lean = ctx.offloaded
         residuals: list[torch.Tensor] | None = None  # x + o_proj(o_in), per batch when reused
         hessian_seconds = 0.0
         total_loss = 0.0
@@ -325,7 +325,7 @@ class GPTQQuantizer(Quantizer):
         budget (in float32, the precision the layer runs in)."""
         if roles.down is None or _mlp_of(roles) is None or not ctx.inputs:
             return False
-        if not isinstance(ctx.inputs, list):  # offloaded: see `lean` in quantize_layer
+        if ctx.offloaded:  # see `lean` in quantize_layer
             return False
         tokens = sum(ctx.batch_tokens())
         features = ctx.submodule(roles.down).in_features + ctx.batch_shapes()[0][-1]
