@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--activation-budget", dest="activation_budget", metavar="SIZE",
                         help="passed to qcore quantize: offload calibration activations "
                              "beyond SIZE to disk (default: qcore's, half the free memory)")
+    parser.add_argument("--max-shard-size", dest="max_shard_size", metavar="SIZE",
+                        help="passed to qcore quantize: the output's largest shard")
     parser.add_argument("--evaluate", action="store_true",
                         help="also evaluate each output (one 32-token window), loaded whole "
                              "and with --stream, and print the peak RSS of each")
@@ -231,6 +233,8 @@ def main() -> None:
                "--save", str(out), "--overwrite", "--json"]
         if args.activation_budget:
             cmd += ["--activation-budget", args.activation_budget]
+        if args.max_shard_size:
+            cmd += ["--max-shard-size", args.max_shard_size]
         seconds, peak, code, output = run_child(cmd)
         if code != 0:
             sys.exit(f"{row} failed (exit {code}):\n{output}")

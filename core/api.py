@@ -244,7 +244,7 @@ def export_model(source: str, format: str, out: str | Path, *, overwrite: bool =
     path = Path(resolve_model_source(source))
     if not path.exists():
         raise ConfigError(f"--model {source}: no such file or folder")
-    check_output_dir(out, overwrite=overwrite, inputs=[path])
+    check_output_dir(out, overwrite=overwrite, inputs=[path], option="--out")
     model, tokenizer, meta = load_model(source, plugins, backend=None)
     if meta is None:
         raise ConfigError(f"{source} is not a quantized model; quantize it with "

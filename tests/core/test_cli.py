@@ -207,7 +207,8 @@ def test_export_command_writes_a_serving_format(tiny_folder, capsys):
     # an existing output is refused without --overwrite, replaced with it
     assert main(["export", "--model", str(saved), "--format", "compressed-tensors",
                  "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and f"--out {out}" in err  # the export's own flag
     assert main(["export", "--model", str(saved), "--format", "ascendv1", "--out", str(out),
                  "--overwrite"]) == 0
     text = capsys.readouterr().out
