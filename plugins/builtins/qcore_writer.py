@@ -2,8 +2,9 @@
 decoder layer at a time while the pipeline runs (resumable after a kill).
 
 Shards hold whole units (a tensor of a whole-model save, every tensor of a decoder layer
-when streaming) and are cut before a unit would push one past the size limit, so the
-memory held for writing is at most one shard plus one layer. A folder with one shard
+when streaming) and are cut before a unit would push one past the size limit. Each tensor
+is written to disk as it arrives, so writing holds no tensor in memory: a streamed save
+keeps one decoder layer, not a shard's worth of them. A folder with one shard
 holds ``model.safetensors``; more are named ``model-0000i-of-0000n.safetensors`` with
 transformers' index, as vLLM and transformers read them.
 
@@ -23,18 +24,18 @@ import hashlib
 import json
 import logging
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qcore.errors import ConfigError, OutputError
-from qcore.hostmemory import page_out_tensors
+from qcore.hostmemory import page_out_view
 from qcore.interfaces import LayerWriter, SavedModel
 from qcore.io import (
     atomic_write_json,
@@ -72,11 +73,6 @@ def tensor_digest(tensor: torch.Tensor,
         if after_chunk is not None:
             after_chunk(chunk)
     return digest.hexdigest()
-
-
-def manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                   "sha256": tensor_digest(t)} for name, t in tensors.items()}
 
 
 def quant_specs(module: nn.Module, prefix: str = "", skip_under: tuple[str, ...] = ()
@@ -122,9 +118,35 @@ def disk_full_removes(folder: Path, discard: Callable[[], None]) -> Iterator[Non
                           "Free space and run again") from exc
 
 
+#: safetensors' dtype names (the format's header spelling)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+#: bytes copied at once when a shard's data goes behind its header
+COPY_CHUNK = 16 * 2**20
+
+
+def write_tensor(file: BinaryIO, tensor: torch.Tensor) -> str:
+    """Append a CPU tensor's bytes (C order, little-endian as on every host torch runs on)
+    to ``file`` straight from its memory, ``DIGEST_CHUNK`` bytes at a time, dropping the
+    pages of a memory-mapped tensor once written; its SHA-256."""
+    return tensor_digest(tensor, after_chunk=lambda chunk: (file.write(chunk.numpy()),
+                                                            page_out_view(chunk)))
+
+
 class ShardedWriter:
     """Tensors into safetensors shards of at most ``max_bytes`` (a unit added at once
-    stays in one shard), with each tensor's manifest entry."""
+    stays in one shard), with each tensor's manifest entry.
+
+    Nothing is held in memory for writing: each tensor's bytes go to the open shard's data
+    file as it is added (the caller may drop it right after). A shard is finished when the
+    next unit would overflow it, or at :meth:`close`: its header (names, dtypes, shapes,
+    offsets; known only then) is written to a new file followed by a copy of the data,
+    which is then removed. A safetensors file needs its header first, hence the copy: on
+    disk, not in memory."""
 
     def __init__(self, folder: Path, max_bytes: int, header: dict[str, str],
                  shards: list[dict[str, Any]] | None = None) -> None:
@@ -132,29 +154,58 @@ class ShardedWriter:
         self.max_bytes = max_bytes
         self.header = header
         self.shards: list[dict[str, Any]] = list(shards or [])  # {"file", "tensors"}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self._open: dict[str, dict[str, Any]] = {}  # the open shard's safetensors entries
+        self._entries: dict[str, dict[str, Any]] = {}  # and their manifest entries
+        self._bytes = 0
+        self._data: BinaryIO | None = None
+
+    @property
+    def _file(self) -> str:
+        return f"shard-{len(self.shards) + 1:05d}.safetensors"
 
     def add(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Queue one unit; True when the units queued before it were written out."""
+        """Write one unit; True when the units written before it were closed into a shard
+        (they are durable from then on)."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        flushed = bool(self.pending) and self.pending_bytes + size > self.max_bytes
+        flushed = bool(self._open) and self._bytes + size > self.max_bytes
         if flushed:
             self.flush()
-        self.pending.update(tensors)
-        self.pending_bytes += size
+        if self._data is None:
+            self._data = open(self.folder / f"{self._file}.data", "wb")  # noqa: SIM115
+        for name, tensor in sorted(tensors.items()):
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise TypeError(f"{name}: safetensors cannot hold dtype {tensor.dtype}")
+            tensor = tensor.detach().cpu()
+            nbytes = tensor.numel() * tensor.element_size()
+            digest = write_tensor(self._data, tensor)
+            self._open[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                                "shape": list(tensor.shape),
+                                "data_offsets": [self._bytes, self._bytes + nbytes]}
+            self._entries[name] = {"shape": list(tensor.shape),
+                                   "dtype": str(tensor.dtype).removeprefix("torch."),
+                                   "sha256": digest}
+            self._bytes += nbytes
         return flushed
 
     def flush(self) -> None:
-        if not self.pending:
+        """Finish the open shard: header, then its data."""
+        if self._data is None:
             return
-        file = f"shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file(dict(sorted(self.pending.items())), str(self.folder / file),
-                  metadata=self.header)
+        self._data.close()
+        self._data = None
+        data, file = self.folder / f"{self._file}.data", self._file
+        header = json.dumps({"__metadata__": self.header, **self._open},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # data 8-byte aligned, as safetensors writes
+        with open(self.folder / f"{file}.tmp", "wb") as out, open(data, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, COPY_CHUNK)
+        (self.folder / f"{file}.tmp").rename(self.folder / file)
+        data.unlink()
         chmod_as_new_file(self.folder / file)
-        self.shards.append({"file": file, "tensors": manifest(self.pending)})
-        page_out_tensors(list(self.pending.values()))  # checkpoint pages read for writing
-        self.pending, self.pending_bytes = {}, 0
+        self.shards.append({"file": file, "tensors": self._entries})
+        self._open, self._entries, self._bytes = {}, {}, 0
 
     def close(self) -> dict[str, dict[str, Any]]:
         """Write what is queued, give the shards their final names (and the index when

@@ -126,17 +126,17 @@ def test_resume_needs_a_layer_by_layer_save(deep_folder):
 
 
 def test_a_full_disk_removes_the_partial_output_and_says_so(deep_folder, monkeypatch):
-    from safetensors.torch import save_file
+    from qcore_builtins.qcore_writer import write_tensor
 
     calls = []
 
-    def fill_up(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
-        save_file(tensors, filename, metadata=metadata)
+    def fill_up(file, tensor):
+        calls.append(file.name)
+        if len(calls) == 20:  # a tensor of the second layer
+            raise OSError(errno.ENOSPC, "No space left on device", file.name)
+        return write_tensor(file, tensor)
 
-    monkeypatch.setattr("qcore_builtins.qcore_writer.save_file", fill_up)
+    monkeypatch.setattr("qcore_builtins.qcore_writer.write_tensor", fill_up)
     with pytest.raises(OutputError, match=r"disk filled up while writing .*\.out\.partial.*"
                                           r"partial output was removed"):
         api.quantize(_config(deep_folder, max_shard_size="1KB"), progress=False)

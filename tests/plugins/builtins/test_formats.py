@@ -49,7 +49,7 @@ def test_interrupted_save_leaves_nothing_behind(tiny_llama, tiny_tokenizer, plug
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("qcore_builtins.qcore_writer.save_file", explode)
+    monkeypatch.setattr("qcore_builtins.qcore_writer.write_tensor", explode)
     with pytest.raises(OSError, match="disk full"):
         api.save_model(result.model, tiny_tokenizer, target, {"run": {"note": "second"}},
                        plugins=plugins, overwrite=True)
