@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from qcore.hookspecs import hookimpl
+
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_en.txt"
 
 #: Qwen2 shapes of the study's distilled models (config.json of DeepSeek-R1-Distill-Qwen)
@@ -129,10 +131,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run_child(args: list[str]) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS MB, exit code, output tail) of ``qcore`` run with ``args`` in a
-    child process. The peak is the child's own VmHWM read as it exits: the rusage of a
-    child also counts its parent's resident set at the fork."""
+def run_child(args: list[str]) -> tuple[float, float, int, str, list[int]]:
+    """(seconds, peak RSS MB, exit code, output tail, each layer's peak RSS MB) of
+    ``qcore`` run with ``args`` in a child process. The peak is the child's own VmHWM read
+    as it exits: the rusage of a child also counts its parent's resident set at the fork."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,19 +144,54 @@ def run_child(args: list[str]) -> tuple[float, float, int, str]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         peak = float(peak_file.read_text()) if peak_file.is_file() else float("nan")
+        layers_file = peak_file.with_name("peak.layers")
+        layers = json.loads(layers_file.read_text()) if layers_file.is_file() else []
     return seconds, peak, proc.returncode, proc.stdout if proc.returncode == 0 else (
-        proc.stderr + proc.stdout)[-2000:]
+        proc.stderr + proc.stdout)[-2000:], layers
+
+
+class LayerMemory:
+    """Per decoder layer, the largest resident set sampled (every 0.2 s) during its turn,
+    through the ``qcore_layer_quantized`` hook: whether memory follows one layer or grows
+    with the layers done. Written to ``<peak file>.layers`` as JSON."""
+
+    def __init__(self, file: Path) -> None:
+        import threading
+
+        self.file, self.layers, self.current = file, [], 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def _sample(self) -> None:
+        while True:
+            self.current = max(self.current, self._rss_mb())
+            time.sleep(0.2)
+
+    @hookimpl
+    def qcore_layer_quantized(self, report) -> None:
+        self.layers.append(round(max(self.current, self._rss_mb())))
+        self.current = 0.0
+        self.file.write_text(json.dumps(self.layers))
 
 
 def child(peak_file: str, args: list[str]) -> int:
-    """Run the qcore CLI in this process and write its peak RSS (MB) when it ends."""
+    """Run the qcore CLI in this process and write its peak RSS (MB) when it ends, and each
+    layer's (:class:`LayerMemory`)."""
     import atexit
 
     from qcore import hostmemory
     from qcore.cli import main as qcore_main
+    from qcore.plugins import get_plugin_manager
 
     hostmemory.reset_peak_rss = lambda: False  # the peak of the whole run, loading included
     atexit.register(lambda: Path(peak_file).write_text(f"{hostmemory.peak_rss_mb():.1f}"))
+    get_plugin_manager().pm.register(LayerMemory(Path(peak_file + ".layers")),
+                                  name="bench-layer-memory")
     return qcore_main(args)
 
 
@@ -165,7 +202,7 @@ def evaluate_output(out: Path) -> list[dict]:
     for flags in ([], ["--stream"]):
         cmd = ["evaluate", "--model", str(out), "--data", str(WIKI), "--data-part", "tail",
                "--seq-len", "32", "--windows", "1", "--batch-size", "1", "--json", *flags]
-        seconds, peak, code, output = run_child(cmd)
+        seconds, peak, code, output, _ = run_child(cmd)
         if code != 0:
             sys.exit(f"evaluating {out} failed (exit {code}):\n{output}")
         ppl = json.loads(output[output.index("{"):])["perplexity"]
@@ -235,7 +272,7 @@ def main() -> None:
             cmd += ["--activation-budget", args.activation_budget]
         if args.max_shard_size:
             cmd += ["--max-shard-size", args.max_shard_size]
-        seconds, peak, code, output = run_child(cmd)
+        seconds, peak, code, output, layer_peaks = run_child(cmd)
         if code != 0:
             sys.exit(f"{row} failed (exit {code}):\n{output}")
         report = json.loads(output[output.index("{"):])
@@ -249,7 +286,8 @@ def main() -> None:
                      "checkpoint_gb": round(folder_bytes(folder) / 1e9, 2),
                      "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
                      "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
-                     "output_gb": round(folder_bytes(out) / 1e9, 2)})
+                     "output_gb": round(folder_bytes(out) / 1e9, 2),
+                     "layer_peak_rss_mb": layer_peaks})
         print(f"{row}: {rows[-1]}", file=sys.stderr, flush=True)
         if args.evaluate:
             rows[-1]["evaluation"] = evaluate_output(out)
@@ -262,6 +300,11 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    for r in rows:
+        peaks = r["layer_peak_rss_mb"]
+        if peaks:
+            print(f"\n{r['row']}: peak RSS MB during each layer's turn: "
+                  f"{', '.join(map(str, peaks))}")
     evaluated = [(r, e) for r in rows for e in r.get("evaluation", [])]
     if evaluated:
         print("\n| output of | evaluate | peak RSS MB | seconds | perplexity |")
