@@ -305,7 +305,7 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
             raise ConfigError(f"{config.model} is already a quantized qcore model")
     if config.save is not None:
         problem = plugins.get("format", config.format).check_run(
-            scheme, quantizer.online_transforms())
+            quantizer.scheme, quantizer.online_transforms())  # what the method produces
         if problem:
             raise ConfigError(f"--format {config.format}: {problem}")
         inputs = [p for p in (model_path, Path(source)) if p is not None]

@@ -252,12 +252,14 @@ class LayerContext:
         return {n: acc[n].H for n in names}
 
     def solve_linears(self, solver: WeightSolver, floats: dict[str, nn.Linear],
-                      weights: QuantArgs, activations: QuantArgs | None = None,
+                      weights: QuantArgs,
+                      activations: QuantArgs | dict[str, QuantArgs | None] | None = None,
                       transforms: dict[str, tuple[nn.Module, Any]] | None = None
                       ) -> dict[str, float]:
         """Round each linear of ``floats`` (name -> the float weights to round) with
         ``solver`` and put a QuantLinear in its place (with its online transform and spec
-        from ``transforms``; static activation scales from the inputs' max |x|). A solver
+        from ``transforms``; its activation quantizer from ``activations``, one for all or
+        one per name; static activation scales from the inputs' max |x|). A solver
         that needs Hessians gets them group by group in the
         adapter's sequential order, the earlier groups already replaced (true-sequential),
         from what each module in place really multiplies. Returns the solver's statistics
@@ -271,17 +273,21 @@ class LayerContext:
             groups += [rest] if rest else []
         else:
             groups = [list(floats)]
-        static = activations is not None and not activations.dynamic
+        per_name = activations if isinstance(activations, dict) else \
+            dict.fromkeys(floats, activations)
+        static = {n for n, a in per_name.items() if a is not None and not a.dynamic}
         stats: dict[str, float] = {}
         for group in groups:
             hessians = self.hessians(group) if solver.needs_hessian else {}
-            absmax = self.input_absmax(group) if static else {}
+            absmax = self.input_absmax([n for n in group if n in static]) \
+                if static & set(group) else {}
             for name in group:
                 linear = floats[name]
                 solved = solver.solve(linear.weight, weights, hessians.get(name), self.backend,
                                       f"{self.name}.{name}")
                 transform, spec = transforms.get(name, (None, None))
-                q = QuantLinear.from_solved(linear, solved, weights, activations=activations,
+                q = QuantLinear.from_solved(linear, solved, weights,
+                                            activations=per_name.get(name),
                                             input_transform=transform, transform_spec=spec)
                 if name in absmax:  # static activations: the float inputs' range to start
                     m = absmax[name].max()

@@ -22,13 +22,21 @@ inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
   no ``weight_scale``; qcore's reader recovers it as ``deq_scale / input_scale``, within
   one float32 rounding).
 
+* ``W4A4_FLATQUANT_DYNAMIC`` (qcore's ``flatquant`` with ``ascend=true``): ``weight`` int8
+  holding one int4 value each (N, K), ``weight_scale`` float32 (N, 1), ``weight_offset``
+  zeros, ``left_trans`` (n1, n1) and ``right_trans`` (n2, n2) float32 (n1 x n2 = K, FlatQuant's
+  factorization, which vllm-ascend recomputes), ``clip_ratio`` float32 [1]; vllm-ascend
+  computes ``left^T X right`` per token (npu_kronecker_quant), int4 codes with scale
+  ``clip_ratio * max|x| / 7`` and an integer matmul. q/k/v (and gate/up), which it fuses,
+  must share transform and ratio.
+
 Everything else (embeddings, norms, ``lm_head`` even when tied to the embeddings, and
 every bias, in float32) is ``FLOAT``. Shards are named and indexed as msModelSlim's
 saver names them (an index even for one shard; 4 GB shards by default). Refused, naming
-the layer: online transforms (:data:`FLATQUANT_GAP`: ascendV1's FlatQuant type clips and
-quantizes activations differently from qcore's FlatQuant),
-activations other than the two above, weight widths other than 4 and 8, and qcore's
-dynamic KV cache (``C8`` stores static scales).
+the layer: qcore's default FlatQuant (:data:`FLATQUANT_GAP`: asymmetric activations with
+two clip ratios, a head transform on o_proj), activations other than the ones above,
+weight widths other than 4 and 8, and qcore's dynamic KV cache (``C8`` stores static
+scales).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
 from qcore.quant.kvcache import kv_specs
-from qcore.quant.linear import QuantLinear, QuantLinearSpec
+from qcore.quant.linear import QuantLinear, QuantLinearSpec, TransformSpec, build_transform
 from qcore.quant.packing import pack_codes
 from qcore.quant.qparams import group_index
 from qcore.schemes import QuantArgs, QuantScheme
@@ -64,18 +72,24 @@ WEIGHTS_INDEX = "quant_model_weights.safetensors.index.json"
 VERSION = "1.0.0"
 FLOAT = "FLOAT"
 #: the model's type is its lowest-bit layer type (msModelSlim's priority, first wins)
-PRIORITY = ("W4A16", "W8A8", "W8A8_DYNAMIC", "W8A16")
+PRIORITY = ("W4A4_FLATQUANT_DYNAMIC", "W4A16", "W8A8", "W8A8_DYNAMIC", "W8A16")
+FLATQUANT = "W4A4_FLATQUANT_DYNAMIC"
+#: the transform type of qcore's FlatQuant linears (the flatquant plugin's KRON_TYPE)
+KRON_TYPE = "flatquant_kron"
+#: linears vllm-ascend fuses into one layer (one transform and clip ratio for all)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 #: msModelSlim's shard size
 DEFAULT_SHARD = "4GB"
 
 
-#: why qcore's FlatQuant models are not written as W4A4_FLATQUANT_DYNAMIC (msModelSlim's
-#: FlatQuantOnlineWrapper + W4A4DynamicPerChannelFakeQuantLinear, read from its source)
+#: why qcore's default FlatQuant models are not written as W4A4_FLATQUANT_DYNAMIC
+#: (msModelSlim's FlatQuant and vllm-ascend's w4a4_flatquant, read from their source)
 FLATQUANT_GAP = ("online FlatQuant transforms: ascendV1's W4A4_FLATQUANT_DYNAMIC quantizes "
-                 "activations per token symmetrically and clips them with one ratio per "
-                 "linear (sigmoid(clip_ratio) on both min and max), while qcore's FlatQuant "
+                 "activations per token symmetrically with one clip ratio per fused input "
+                 "and has no head transform for o_proj, while qcore's default FlatQuant "
                  "learns separate min/max clip ratios over asymmetric activations; writing "
-                 "it would change the numbers, so it is refused: save in the qcore format")
+                 "it would change the numbers. Quantize with --method flatquant --set "
+                 "ascend=true (msModelSlim's variant) for this format")
 
 
 # ----------------------------------------------------------------------------- types
@@ -83,7 +97,7 @@ def layer_type(name: str, m: QuantLinear) -> str:
     """The ascendV1 type of a quantized linear, or NotExpressible naming what is missing."""
     w, a = m.spec.weights, m.spec.activations
     if m.input_transform is not None:
-        raise NotExpressible(f"{name}: {FLATQUANT_GAP}")
+        return _flatquant_type(name, m)
     if w.granularity not in ("channel", "group"):
         raise NotExpressible(f"{name}: per-{w.granularity} weights; ascendV1 takes "
                              "per-channel or grouped weights")
@@ -111,6 +125,49 @@ def layer_type(name: str, m: QuantLinear) -> str:
                          f"{f' clipped to {a.clip_ratio}' if a.clip_ratio != 1 else ''}; "
                          "ascendV1 holds int8 per-token dynamic symmetric (W8A8_DYNAMIC) or "
                          "int8 per-tensor static (W8A8) activations")
+
+
+def _flatquant_type(name: str, m: QuantLinear) -> str:
+    """W4A4_FLATQUANT_DYNAMIC for what vllm-ascend computes: ``x (-1, n1, n2) -> left^T X
+    right`` (npu_kronecker_quant), then int4 codes per token with scale ``clip_ratio *
+    max|x| / 7``, times int4 symmetric per-channel weights."""
+    w, a, t = m.spec.weights, m.spec.activations, m.spec.input_transform
+    cfg = t.config if t is not None else {}
+    if t is None or t.type != KRON_TYPE or not cfg.get("has_right") or \
+            cfg.get("clip", "none") != "none":
+        raise NotExpressible(f"{name}: {FLATQUANT_GAP}")
+    if cfg["n1"] * cfg["n2"] != m.in_features:
+        raise NotExpressible(f"{name}: a {cfg['n1']} x {cfg['n2']} transform over "
+                             f"{m.in_features} inputs")
+    if w.bits != 4 or not w.symmetric or w.granularity != "channel" or a is None or \
+            a.bits != 4 or a.granularity != "token" or not a.dynamic or not a.symmetric or \
+            a.symmetric_range != "signed":
+        raise NotExpressible(
+            f"{name}: {w.describe()} weights, activations "
+            f"{a.describe() if a else 'none'}; {FLATQUANT} takes int4 symmetric per-channel "
+            "weights and int4 symmetric per-token activations (max |x| / 7)")
+    return FLATQUANT
+
+
+def _check_fused(linears: dict[str, QuantLinear]) -> None:
+    """Linears vllm-ascend fuses (q/k/v, gate/up) must share their transform and clip."""
+    for fused in FUSED:
+        for name, m in linears.items():
+            parent, _, leaf = name.rpartition(".")
+            if leaf != fused[0] or m.input_transform is None:
+                continue
+            for other in fused[1:]:
+                o = linears.get(f"{parent}.{other}")
+                if o is None or o.input_transform is None:
+                    continue
+                same = (torch.equal(m.input_transform.left, o.input_transform.left)
+                        and torch.equal(m.input_transform.right, o.input_transform.right)
+                        and m.spec.activations == o.spec.activations)
+                if not same:
+                    raise NotExpressible(
+                        f"{parent}.{other}: its transform or activation clip ratio differs "
+                        f"from {name}'s, and vllm-ascend fuses {'/'.join(fused)} into one "
+                        "layer with one of each (qcore's flatquant ascend=true shares them)")
 
 
 def pack_int4_pairs(signed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -141,6 +198,13 @@ def linear_tensors(name: str, m: QuantLinear, kind: str, bf16: bool = False
     if kind == "W4A16":
         out = {f"{name}.weight": pack_int4_pairs(signed, 0 if w.granularity == "group"
                                                  else 1)}
+    elif kind == FLATQUANT:  # one int4 value per int8 (vllm-ascend packs at load)
+        t = m.input_transform
+        out = {f"{name}.weight": signed.to(torch.int8),
+               f"{name}.left_trans": t.left.detach().cpu().float().contiguous(),
+               f"{name}.right_trans": t.right.detach().cpu().float().contiguous(),
+               f"{name}.clip_ratio": torch.tensor([m.spec.activations.clip_ratio],
+                                                  dtype=torch.float32)}
     else:
         out = {f"{name}.weight": signed.to(torch.int8)}
     if kind == "W8A8":
@@ -174,11 +238,13 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     if not linears:
         raise NotExpressible("the model has no quantized linear: nothing to export")
     kinds = {name: layer_type(name, m) for name, m in linears.items()}
+    _check_fused(linears)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in linears:
+        if any(name.startswith(f"{p}.") and p in linears
+               for p in _prefixes(name)):  # a linear's own (or its transform's) tensor
             continue
         # a tied lm_head is written too (msModelSlim does), as its own copy
         tensors[name] = tensor.detach().cpu().clone().contiguous()
@@ -188,6 +254,12 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             tensors[tname] = tensor
             types[tname] = FLOAT if tname.endswith(".bias") else kinds[name]
     return tensors, types, kinds
+
+
+def _prefixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``: the modules a tensor name lies under."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _group_size(linears: dict[str, QuantLinear], kinds: dict[str, str]) -> int:
@@ -258,15 +330,63 @@ def load_linear(name: str, linear: nn.Linear, kind: str, tensors: SafetensorsFol
     return module
 
 
+def load_flatquant_linear(name: str, linear: nn.Linear, tensors: SafetensorsFolder,
+                          modules: dict[str, type[nn.Module]], dtype: torch.dtype
+                          ) -> QuantLinear:
+    """A W4A4_FLATQUANT_DYNAMIC linear as qcore's FlatQuant QuantLinear: the Kronecker
+    transform (the flatquant plugin's module, from ``modules``), then int4 symmetric
+    per-token activations with the stored clip ratio."""
+    n, k = linear.out_features, linear.in_features
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    weight = tensors.get(f"{name}.weight")
+    expect_tensor(f"{name}.weight", weight, (n, k), (torch.int8,))
+    scale = tensors.get(f"{name}.weight_scale")
+    expect_tensor(f"{name}.weight_scale", scale, (n, 1), floats)
+    left, right = tensors.get(f"{name}.left_trans"), tensors.get(f"{name}.right_trans")
+    n1, n2 = left.shape[0], right.shape[0]
+    expect_tensor(f"{name}.left_trans", left, (n1, n1), floats)
+    expect_tensor(f"{name}.right_trans", right, (n2, n2), floats)
+    if n1 * n2 != k:
+        raise SavedModelError(f"{name}: transforms {n1} x {n2} do not cover its {k} inputs")
+    clip = tensors.get(f"{name}.clip_ratio")
+    expect_tensor(f"{name}.clip_ratio", clip, (1,), floats)
+    if KRON_TYPE not in modules:
+        raise SavedModelError(f"{name}: {FLATQUANT} needs the {KRON_TYPE!r} transform "
+                              "module, which no installed plugin registers (qcore-flatquant)")
+    transform_spec = TransformSpec(type=KRON_TYPE, config={"n1": n1, "n2": n2,
+                                                           "has_right": True, "clip": "none"})
+    transform = build_transform(transform_spec, modules, name)
+    transform.left.copy_(left.float())
+    transform.right.copy_(right.float())
+    weights = QuantArgs(bits=4, symmetric=True, granularity="channel")
+    activations = QuantArgs(bits=4, symmetric=True, granularity="token", dynamic=True,
+                            clip_ratio=float(clip.float()))
+    bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
+    spec = QuantLinearSpec(in_features=k, out_features=n, bias=bias is not None, n_groups=1,
+                           weights=weights, activations=activations,
+                           input_transform=transform_spec)
+    module = QuantLinear(spec, input_transform=transform, dtype=dtype)
+    module.qweight = pack_codes((weight.to(torch.int16) + 8).to(torch.uint8), 4)
+    module.scales = scale.float().contiguous()
+    module.zeros = torch.full((n, 1), 8, dtype=torch.uint8)
+    module.g_idx = group_index(k, weights).to(torch.int32)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return module
+
+
 class AscendV1Format(Format):
     name = "ascendv1"
     description = "msModelSlim's ascendV1 layout for vllm-ascend / MindIE (W8A16, W4A16, " \
-                  "W8A8_DYNAMIC, W8A8)"
+                  "W8A8_DYNAMIC, W8A8, W4A4_FLATQUANT_DYNAMIC)"
 
     @classmethod
     def check_run(cls, scheme: QuantScheme, online_transforms: bool) -> str | None:
         if online_transforms:
-            return FLATQUANT_GAP
+            w, a = scheme.weights, scheme.activations
+            if a is None or not (a.symmetric and a.bits == 4 and w.bits == 4
+                                 and w.symmetric and w.granularity == "channel"):
+                return FLATQUANT_GAP
         if scheme.kv_cache is not None:
             return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
                     "ascendV1's C8 stores static KV scales")
@@ -327,7 +447,7 @@ class AscendV1Format(Format):
                                   "is not read by qcore")
         tensors = SafetensorsFolder(path, single="quant_model_weights.safetensors",
                                     index_file=WEIGHTS_INDEX, error=SavedModelError)
-        readable = {"W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8"}
+        readable = {"W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8", FLATQUANT}
 
         def make(name: str, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | None:
             kind = description.get(f"{name}.weight", FLOAT)
@@ -336,6 +456,8 @@ class AscendV1Format(Format):
             if kind not in readable:
                 raise SavedModelError(f"{name}: ascendV1 type {kind} is not read by qcore "
                                       f"({', '.join(sorted(readable))})")
+            if kind == FLATQUANT:
+                return load_flatquant_linear(name, linear, tensors, modules, dtype)
             return load_linear(name, linear, kind, tensors, group_size, dtype)
 
         model, tokenizer, quantized = assemble(path, tensors, make)

@@ -97,6 +97,12 @@ class FlatQuantConfig(BaseModel):
         default="float32", description="autocast dtype of the training forward")
     seed: int = Field(default=0, description="seed of the random orthogonal inits "
                       "(layer i uses seed + i)")
+    ascend: bool = Field(
+        default=False, description="msModelSlim's W4A4_FLATQUANT_DYNAMIC, the FlatQuant "
+        "variant vllm-ascend runs (export with --format ascendv1): activations per token "
+        "symmetric, scaled by sigmoid(clip) x max|x| / 7 with one learned clip ratio per "
+        "fused input (q/k/v share one, gate/up one), and no head/value transform for "
+        "o_proj (its transform is the identity)")
     weight_method: str = Field(
         default="rtn", description="registered weight solver that rounds the folded weights: "
         "'rtn' (round-to-nearest), 'gptq' (Hessians of the transformed, clipped, quantized "
@@ -108,15 +114,18 @@ class FlatQuantConfig(BaseModel):
 
 # ----------------------------------------------------------------------------- fake quant (STE)
 def fake_quant_tokens_ste(x: torch.Tensor, args: QuantArgs, clip_min: torch.Tensor | float,
-                          clip_max: torch.Tensor | float) -> torch.Tensor:
+                          clip_max: torch.Tensor | float, clamp: bool = True) -> torch.Tensor:
     """Per-token min/max fake quantization with the learned clip factors.
 
-    Symmetric: values are clamped to [-a, a] first (a = the larger clipped magnitude), so a
-    clipped negative value maps to code -(2^(b-1) - 1) as in the deployed path (the online
-    transform clamps, qcore quantizes); the reference lets it reach -2^(b-1)."""
+    Symmetric with ``clamp``: values are clamped to [-a, a] first (a = the larger clipped
+    magnitude), so a clipped negative value maps to code -(2^(b-1) - 1) as in qcore's
+    deployed path (the online transform clamps, qcore quantizes); the reference lets it
+    reach -2^(b-1). Without (``ascend``), it does: the scale is ``clip * max|x| / (2^(b-1) -
+    1)`` and codes saturate at [-2^(b-1), 2^(b-1) - 1], as the per-linear ``clip_ratio``
+    of the deployed activation quantizer and the NPU's npu_kronecker_quant compute."""
     xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_min
     xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_max
-    if args.symmetric:
+    if args.symmetric and clamp:
         a = torch.maximum(-xmin, xmax)
         x = torch.maximum(torch.minimum(x, a), -a)
     return fake_quantize_minmax(x, xmin, xmax, args.bits, args.symmetric, ste=True)
@@ -183,8 +192,9 @@ class LayerTransforms(nn.Module):
         self.ln = _Kron(hidden, init, gen, config.add_diag)
         self.up = _Kron(hidden, init, gen, config.add_diag)
         self.down = _Kron(inter, init, gen, config.add_diag)
-        self.o = _Single(num_heads, init, gen)
-        self.v = _Single(head_dim, init, gen)
+        # ascend: o_proj keeps no transform (vllm-ascend has no head transform to load)
+        self.o = None if config.ascend else _Single(num_heads, init, gen)
+        self.v = None if config.ascend else _Single(head_dim, init, gen)
         self.k = _Single(head_dim, init, gen) if with_key else None
         self.wclip_max = nn.ParameterDict()
         self.wclip_min = nn.ParameterDict()
@@ -201,14 +211,17 @@ class LayerTransforms(nn.Module):
 
     # --------------------------------------------------------------- parameter groups
     def transform_parameters(self) -> list[nn.Parameter]:
-        mods = [self.ln, self.up, self.down, self.o, self.v] + ([self.k] if self.k else [])
-        return [p for m in mods for p in m.parameters()]
+        mods = [self.ln, self.up, self.down, self.o, self.v, self.k]
+        return [p for m in mods if m is not None for p in m.parameters()]
 
     def clip_parameters(self, lwc: bool, lac: bool) -> list[nn.Parameter]:
         out: list[nn.Parameter] = []
         if lwc:
             out += list(self.wclip_max.values()) + list(self.wclip_min.values())
-        if lac:
+        if lac and self.config.ascend:  # one ratio per fused input
+            out += [self.aclip_max[_key(self._clip_owner(n))] for n in self.names.values()
+                    if self._clip_owner(n) == n]
+        elif lac:
             out += list(self.aclip_max.values()) + list(self.aclip_min.values())
         return out
 
@@ -241,8 +254,9 @@ class LayerTransforms(nn.Module):
     def mats(self, dtype: torch.dtype) -> dict[str, Any]:
         m: dict[str, Any] = {"ln": self.ln.mats(dtype), "up": self.up.mats(dtype),
                              "down": self.down.mats(dtype)}
-        m["o"], m["o_it"] = self.o.mats(dtype)
-        m["v"], m["v_it"] = self.v.mats(dtype)
+        if self.o is not None and self.v is not None:
+            m["o"], m["o_it"] = self.o.mats(dtype)
+            m["v"], m["v_it"] = self.v.mats(dtype)
         if self.k is not None:
             m["k"], m["k_it"] = self.k.mats(dtype)
         return m
@@ -253,7 +267,7 @@ class LayerTransforms(nn.Module):
     def transform_input(self, role: str, x: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
         """The online transform, with the per-channel scale still separate."""
         if role == "o":
-            return kron_matmul(x, m["o"], None)
+            return x if self.o is None else kron_matmul(x, m["o"], None)
         g = m[self._group(role)]
         if g["c"] is not None:
             x = x * g["c"]
@@ -265,7 +279,8 @@ class LayerTransforms(nn.Module):
         """``W diag(1/c) P^-T``, then learned row clipping, then (v_proj) the value transform
         on the output rows."""
         if role == "o":
-            w = kron_matmul(w, m["o_it"], m["v_it"])
+            if self.o is not None:
+                w = kron_matmul(w, m["o_it"], m["v_it"])
         else:
             g = m[self._group(role)]
             if g["c"] is not None:
@@ -276,18 +291,31 @@ class LayerTransforms(nn.Module):
             wmax = w.amax(dim=1, keepdim=True) * torch.sigmoid(self.wclip_max[k]).to(w.dtype)
             wmin = w.amin(dim=1, keepdim=True) * torch.sigmoid(self.wclip_min[k]).to(w.dtype)
             w = torch.maximum(torch.minimum(w, wmax), wmin)
-        if role == "v":
+        if role == "v" and self.v is not None:
             hd = self.head_dim
             w = torch.matmul(m["v"].t(), w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
             if b is not None:
                 b = torch.matmul(b.reshape(-1, hd), m["v"]).reshape(b.shape)
         return w, b
 
+    def _clip_owner(self, name: str) -> str:
+        """The linear whose activation clip ``name`` uses: itself, or with ``ascend`` the
+        first of the linears fed the same input (vllm-ascend fuses q/k/v and gate/up and
+        keeps one ratio for each fused layer)."""
+        if not self.config.ascend:
+            return name
+        role = self.role[name]
+        return self.names["q"] if role in ("q", "k", "v") else \
+            self.names["gate"] if role in ("gate", "up") else name
+
     def act_clip(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        k = _key(name)
+        k = _key(self._clip_owner(name))
         if not self.config.lac:
             one = torch.ones((), device=self.aclip_min[k].device)
             return one, one
+        if self.config.ascend:  # one ratio on both ends (msModelSlim's)
+            ratio = torch.sigmoid(self.aclip_max[k])
+            return ratio, ratio
         return torch.sigmoid(self.aclip_min[k]), torch.sigmoid(self.aclip_max[k])
 
 
@@ -318,7 +346,7 @@ class _TrainLinear(nn.Module):
             act = self.scheme.activations
             if act is not None:
                 cmin, cmax = owner.act_clip(self.name)
-                x = fake_quant_tokens_ste(x, act, cmin, cmax)
+                x = fake_quant_tokens_ste(x, act, cmin, cmax, clamp=not owner.config.ascend)
         return F.linear(x, w, b).to(dtype)
 
 
@@ -385,8 +413,9 @@ def fold_layer(layer: nn.Module, owner: LayerTransforms, norms: tuple[str, str],
     m = owner.mats(torch.float64)
     names = owner.names
     transforms: dict[str, FlatQuantTransform] = {}
-    clip_mode = "none" if act is None or not clip or not owner.config.lac else \
-        ("sym" if act.symmetric else "asym")
+    # ascend: the clip is the activation quantizer's clip_ratio (see ascend_activations)
+    clip_mode = "none" if act is None or not clip or not owner.config.lac \
+        or owner.config.ascend else ("sym" if act.symmetric else "asym")
     for role, name in names.items():
         linear = layer.get_submodule(name)
         dtype = linear.weight.dtype
@@ -400,7 +429,9 @@ def fold_layer(layer: nn.Module, owner: LayerTransforms, norms: tuple[str, str],
         linear.weight.data = w.to(dtype)
         if b is not None:
             linear.bias.data = b.to(dtype)
-        if role == "o":
+        if role == "o" and owner.o is None:  # identity (ascend)
+            tr = FlatQuantTransform(*decompose_dim(linear.in_features), clip=clip_mode)
+        elif role == "o":
             tr = FlatQuantTransform(owner.num_heads, owner.head_dim, has_right=False,
                                     clip=clip_mode)
             tr.left.copy_(m["o"])
@@ -466,7 +497,26 @@ class FlatQuantQuantizer(Quantizer):
                       "mlp_norm")
     solver: WeightSolver | None = None  # set by bind()
 
+    def __init__(self, config: FlatQuantConfig, scheme: QuantScheme) -> None:
+        super().__init__(config, scheme)
+        if config.ascend:  # activations symmetric with the signed range, as the NPU's
+            act = scheme.activations.model_copy(update={"symmetric": True,
+                                                        "symmetric_range": "signed"})
+            self.scheme = scheme.model_copy(update={
+                "name": f"{scheme.name}-ascend", "activations": QuantArgs.model_validate(
+                    act.model_dump())})
+
     def check_scheme(self, scheme: QuantScheme) -> None:
+        if self.config.ascend:
+            w, act = scheme.weights, scheme.activations
+            if (act is None or act.bits != 4 or w.bits != 4 or not w.symmetric
+                    or w.granularity != "channel" or scheme.kv_cache is not None):
+                raise UnsupportedScheme(
+                    f"flatquant ascend=true writes msModelSlim's W4A4_FLATQUANT_DYNAMIC: int4 "
+                    f"symmetric per-channel weights, int4 per-token activations and no KV-cache "
+                    f"quantization; scheme {scheme.name} has weights {w.describe()}, "
+                    f"activations {act.describe() if act else 'none'}"
+                    f"{', a quantized KV cache' if scheme.kv_cache else ''} (use --scheme W4A4)")
         act = scheme.activations
         if act is not None and act.granularity != "token":
             raise UnsupportedScheme(
@@ -601,14 +651,15 @@ class FlatQuantQuantizer(Quantizer):
         quantizer), then solved group by group."""
         roles = ctx.adapter.roles()
         act = self.scheme.activations
+        acts = self._activations(owner)
         transforms, key = fold_layer(ctx.layer, owner, (roles.attention_norm, roles.mlp_norm),
                                      act)
         folded = {name: ctx.submodule(name) for name in transforms}
         if self.solver.needs_hessian:
             for name, tr in transforms.items():
                 ctx.replace(name, QuantLinear.from_float(
-                    folded[name], self.scheme.weights, activations=act, input_transform=tr,
-                    transform_spec=tr.spec()))
+                    folded[name], self.scheme.weights, activations=acts[name],
+                    input_transform=tr, transform_spec=tr.spec()))
         stats: dict[str, Any] = {}
         attn = ctx.submodule(roles.attention)
         kv = self.scheme.kv_cache
@@ -618,8 +669,21 @@ class FlatQuantQuantizer(Quantizer):
             attn.qcore_kv = KVCacheQuantizer(spec, key_transform=key)
         specs = {name: (tr, tr.spec()) for name, tr in transforms.items()}
         stats.update(ctx.solve_linears(self.solver, folded, self.scheme.weights,
-                                       activations=act, transforms=specs))
+                                       activations=acts, transforms=specs))
         return stats
+
+    def _activations(self, owner: LayerTransforms) -> dict[str, QuantArgs | None]:
+        """Each linear's activation quantizer: the scheme's, or with ``ascend`` the scheme's
+        with the learned clip as its ``clip_ratio`` (a float32 value: what the export's
+        float32 ``clip_ratio`` tensor holds)."""
+        act = self.scheme.activations
+        if act is None or not self.config.ascend:
+            return dict.fromkeys(owner.names.values(), act)
+        out: dict[str, QuantArgs | None] = {}
+        for name in owner.names.values():
+            ratio = float(owner.act_clip(name)[1].detach().float().cpu())
+            out[name] = act.model_copy(update={"clip_ratio": ratio})
+        return out
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
         t0 = time.perf_counter()

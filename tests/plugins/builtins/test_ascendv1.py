@@ -140,7 +140,7 @@ def test_static_w8a8_reads_back_within_a_float32_rounding(tiny_folder, tmp_path)
 
 
 def test_what_ascendv1_cannot_hold_is_refused(tiny_folder, tmp_path):
-    symmetric = "W4A4_FLATQUANT_DYNAMIC quantizes activations per token symmetrically"
+    symmetric = "W4A4_FLATQUANT_DYNAMIC quantizes activations per token symmetrically.*ascend=true"
     for method, scheme, fragment in (("flatquant", "W4A4", symmetric),
                                      ("smoothquant", "W8A8KV8", "C8 stores static KV scales")):
         with pytest.raises(ConfigError, match=fragment):
@@ -162,3 +162,84 @@ def test_full_range_activations_are_refused_for_w8a8_dynamic(tiny_folder, tmp_pa
     with pytest.raises(ConfigError, match=r"max \|x\| / 127\.5 .*npu_dynamic_quant divides "
                                           r"by 127"):
         api.export_model(str(tmp_path / "full"), "ascendv1", tmp_path / "y")
+
+
+def _vllm_ascend_flatquant(x, tensors, name):
+    """vllm-ascend's W4A4_FLATQUANT_DYNAMIC forward, written from its source and
+    npu_kronecker_quant's documentation: x (-1, n1, n2) -> left^T X right, int4 codes per
+    token with scale clip_ratio * max|x| / 7, integer matmul with the int4 weight, times the
+    token's and the weight row's scales, plus the bias."""
+    left, right = tensors[f"{name}.left_trans"], tensors[f"{name}.right_trans"]
+    n1, n2 = left.shape[0], right.shape[0]
+    xt = (left.t() @ (x.reshape(-1, n1, n2) @ right)).reshape(x.shape[0], -1)
+    token_scale = tensors[f"{name}.clip_ratio"] * xt.abs().amax(dim=-1, keepdim=True) / 7
+    xq = torch.clamp(torch.round(xt / token_scale), -8, 7)
+    w = tensors[f"{name}.weight"].double()
+    y = (xq.double() @ w.t()) * token_scale.double() * tensors[f"{name}.weight_scale"].double().t()
+    if f"{name}.bias" in tensors:
+        y = y + tensors[f"{name}.bias"].double()
+    return y
+
+
+def test_flatquant_ascend_exports_what_vllm_ascend_computes(tiny_folder, tmp_path):
+    result = _quantize(tiny_folder, "flatquant", "W4A4", None, {"ascend": True, "epochs": 1},
+                       tmp_path / "asc", "ascendv1")
+    tensors, description = _read(tmp_path / "asc")
+    assert description["model_quant_type"] == "W4A4_FLATQUANT_DYNAMIC"
+    keys = {"version", "model_quant_type", "group_size", "metadata", "optional"}
+    assert set(description) - keys == set(tensors)
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for name, m in result.model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        for suffix in ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
+                       "clip_ratio"):
+            assert description[f"{name}.{suffix}"] == "W4A4_FLATQUANT_DYNAMIC", (name, suffix)
+        w = tensors[f"{name}.weight"]
+        assert w.dtype == torch.int8 and tuple(w.shape) == (m.out_features, m.in_features)
+        assert int(w.min()) >= -8 and int(w.max()) <= 7
+        assert not torch.any(tensors[f"{name}.weight_offset"] != 0)
+        # the stored weight dequantizes to qcore's
+        assert torch.equal(w.float() * tensors[f"{name}.weight_scale"], m.dequantize())
+        x = torch.randn(6, m.in_features, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(_vllm_ascend_flatquant(x, tensors, name),
+                                       m(x).double(), rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked == 7 * len(result.model.model.layers)
+    layer0 = "model.layers.0.self_attn"
+    for fused in ("k_proj", "v_proj"):  # vllm-ascend's qkv layer keeps one of each
+        for suffix in ("left_trans", "right_trans", "clip_ratio"):
+            assert torch.equal(tensors[f"{layer0}.{fused}.{suffix}"],
+                               tensors[f"{layer0}.q_proj.{suffix}"])
+    assert torch.equal(tensors[f"{layer0}.o_proj.left_trans"],
+                       torch.eye(tensors[f"{layer0}.o_proj.left_trans"].shape[0]))
+
+
+def test_flatquant_ascend_round_trip_is_bit_identical(tiny_folder, tmp_path):
+    result = _quantize(tiny_folder, "flatquant", "W4A4", None, {"ascend": True, "epochs": 1},
+                       tmp_path / "q")
+    api.export_model(str(tmp_path / "q"), "ascendv1", tmp_path / "asc")
+    model, _, meta = api.load_model(str(tmp_path / "asc"))
+    assert meta["description"]["model_quant_type"] == "W4A4_FLATQUANT_DYNAMIC"
+    for name, m in result.model.named_modules():
+        if isinstance(m, QuantLinear):
+            back = model.get_submodule(name)
+            assert back.spec == m.spec, name
+            for buf in ("qweight", "scales", "zeros"):
+                assert torch.equal(getattr(m, buf), getattr(back, buf)), (name, buf)
+    ids = torch.arange(2, 34).reshape(2, 16)
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fused_linears_with_different_transforms_are_refused(tiny_folder, tmp_path):
+    result = _quantize(tiny_folder, "flatquant", "W4A4", None, {"ascend": True, "epochs": 1})
+    k_proj = result.model.model.layers[1].self_attn.k_proj
+    with torch.no_grad():
+        k_proj.input_transform.left.mul_(1.01)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj: its transform "
+                                         r"or activation clip ratio differs.*q_proj/k_proj/v_proj"):
+        api.save_model(result.model, None, tmp_path / "asc", {}, format="ascendv1")
+    assert not (tmp_path / "asc").exists()

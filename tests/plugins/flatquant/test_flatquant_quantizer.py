@@ -111,14 +111,16 @@ def test_training_loss_decreases(tiny_llama, calib_ids, plugins):
         assert {"loss_start", "loss_end", "train_seconds"} <= set(s)
 
 
-@pytest.mark.parametrize("kind, scheme", [("tiny_llama", "W4A4"), ("tiny_qwen2", "W4A4KV4"),
-                                          ("tiny_llama", "W8A8")])
-def test_fold_then_quantize_equals_training_forward(request, calib_ids, plugins, kind, scheme):
+@pytest.mark.parametrize("kind, scheme, options", [
+    ("tiny_llama", "W4A4", {}), ("tiny_qwen2", "W4A4KV4", {}), ("tiny_llama", "W8A8", {}),
+    ("tiny_qwen2", "W4A4", {"ascend": True})])
+def test_fold_then_quantize_equals_training_forward(request, calib_ids, plugins, kind, scheme,
+                                                    options):
     """The pipeline's error of the folded, quantized layer (QuantLinear + online transforms)
     equals the training-time fake-quantized layer's error (float32 vs float64 folding can
     flip a rare rounding tie)."""
     tiny_model = request.getfixturevalue(kind)
-    reports = _run(tiny_model, scheme, calib_ids, plugins, epochs=1)
+    reports = _run(tiny_model, scheme, calib_ids, plugins, epochs=1, **options)
     for r in reports:
         train = r.stats["train_relative_mse_end"]
         assert abs(r.relative_mse - train) <= 0.01 * train, (r.name, r.relative_mse, train)
@@ -129,6 +131,50 @@ def test_fold_then_quantize_equals_training_forward(request, calib_ids, plugins,
     assert isinstance(layer.self_attn.o_proj.input_transform, FlatQuantTransform)
     if scheme == "W4A4KV4":
         assert isinstance(layer.self_attn.qcore_kv.key_transform, FlatQuantKeyTransform)
+
+
+def test_ascend_variant_is_msmodelslims_flatquant(tiny_qwen2, calib_ids, plugins):
+    """ascend=true: symmetric per-token int4 activations whose scale is the learned ratio
+    (one per fused input) x max|x| / 7, codes down to -8; o_proj's transform the identity
+    over FlatQuant's factorization of its inputs; v_proj untouched by a head transform."""
+    reports = _run(tiny_qwen2, "W4A4", calib_ids, plugins, epochs=2, ascend=True)
+    assert all(r.stats["loss_end"] < r.stats["loss_start"] for r in reports)
+    for layer in tiny_qwen2.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        acts = {n: getattr(m, n).spec.activations for m, names in
+                ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                 (mlp, ("gate_proj", "up_proj", "down_proj"))) for n in names}
+        assert all(a.symmetric and a.bits == 4 and a.symmetric_range == "signed"
+                   for a in acts.values())
+        assert acts["q_proj"] == acts["k_proj"] == acts["v_proj"]
+        assert acts["gate_proj"] == acts["up_proj"]
+        assert 0 < acts["q_proj"].clip_ratio < 1  # learned, below sigmoid(4) = 0.982 or not
+        assert acts["q_proj"].clip_ratio == float(torch.tensor(acts["q_proj"].clip_ratio))
+        o = attn.o_proj.input_transform
+        assert o.clip == "none" and o.has_right
+        assert torch.equal(o.left, torch.eye(o.n1)) and torch.equal(o.right, torch.eye(o.n2))
+        for name in ("q_proj", "k_proj", "v_proj"):  # one transform for the fused input
+            t = getattr(attn, name).input_transform
+            assert torch.equal(t.left, attn.q_proj.input_transform.left) and t.clip == "none"
+    # the deployed activation quantizer: scale = ratio * max|x| / 7, codes in [-8, 7]
+    q = tiny_qwen2.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, q.in_features, generator=torch.Generator().manual_seed(1))
+    xt = q.input_transform(x)
+    ratio = q.spec.activations.clip_ratio
+    scale = ratio * xt.abs().amax(dim=-1, keepdim=True) / 7
+    codes = torch.clamp(torch.round(xt / scale), -8, 7)
+    assert int(codes.min()) == -8 or int(codes.max()) == 7
+    torch.testing.assert_close(q.quantize_input(x), codes * scale, rtol=0, atol=1e-6)
+
+
+def test_ascend_variant_needs_msmodelslims_w4a4(plugins):
+    with pytest.raises(ConfigError, match=r"ascend=true writes msModelSlim's "
+                                          r"W4A4_FLATQUANT_DYNAMIC.*scheme W4A4KV4.*KV cache"):
+        build_quantizer("flatquant", get_scheme("W4A4KV4"), {"ascend": True}, plugins)
+    with pytest.raises(ConfigError, match=r"scheme W4A16 has weights int4 asym"):
+        build_quantizer("flatquant", get_scheme("W4A16"), {"ascend": True}, plugins)
+    quantizer = build_quantizer("flatquant", get_scheme("W4A4"), {"ascend": True}, plugins)
+    assert quantizer.scheme.activations.symmetric and quantizer.scheme.name == "W4A4-ascend"
 
 
 def test_flatquant_beats_rtn_w4a4_on_tiny_model(tiny_llama, calib_ids, plugins):
