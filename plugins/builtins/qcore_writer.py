@@ -207,6 +207,12 @@ class ShardedWriter:
         self.shards.append({"file": file, "tensors": self._entries})
         self._open, self._entries, self._bytes = {}, {}, 0
 
+    def abandon(self) -> None:
+        """Close the open shard's data file without finishing it (the folder is removed)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
     def close(self) -> dict[str, dict[str, Any]]:
         """Write what is queued, give the shards their final names (and the index when
         there are several); the manifest of every tensor."""
@@ -368,6 +374,8 @@ class QcoreLayerWriter(LayerWriter):
         return SavedModel(path=self.target, metadata=meta)
 
     def discard(self) -> None:
+        if hasattr(self, "shards"):
+            self.shards.abandon()
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
