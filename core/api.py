@@ -364,11 +364,12 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
                            offload_dir=Path(config.offload_dir) if config.offload_dir else None)
     saved = None
     if writer is not None:
-        saved = writer.finish(model, tokenizer, _save_metadata(config, scheme, report)).path
+        saved = writer.finish(model, tokenizer,
+                              _save_metadata(config, quantizer.scheme, report)).path
         return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config)
     backend.install_kernels(model)
     if config.save is not None:
-        metadata = _save_metadata(config, scheme, report)
+        metadata = _save_metadata(config, quantizer.scheme, report)
         if config.max_shard_size:  # as `qcore export` passes it to the format
             metadata["max_shard_size"] = config.max_shard_size
         try:

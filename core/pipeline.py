@@ -275,6 +275,9 @@ class LayerContext:
             groups = [list(floats)]
         per_name = activations if isinstance(activations, dict) else \
             dict.fromkeys(floats, activations)
+        missing = [n for n in floats if n not in per_name]
+        if missing:
+            raise ValueError(f"{self.name}: no activation quantizer given for {missing}")
         static = {n for n, a in per_name.items() if a is not None and not a.dynamic}
         stats: dict[str, float] = {}
         for group in groups:
@@ -287,7 +290,7 @@ class LayerContext:
                                       f"{self.name}.{name}")
                 transform, spec = transforms.get(name, (None, None))
                 q = QuantLinear.from_solved(linear, solved, weights,
-                                            activations=per_name.get(name),
+                                            activations=per_name[name],
                                             input_transform=transform, transform_spec=spec)
                 if name in absmax:  # static activations: the float inputs' range to start
                     m = absmax[name].max()

@@ -343,13 +343,15 @@ def load_flatquant_linear(name: str, linear: nn.Linear, tensors: SafetensorsFold
     scale = tensors.get(f"{name}.weight_scale")
     expect_tensor(f"{name}.weight_scale", scale, (n, 1), floats)
     left, right = tensors.get(f"{name}.left_trans"), tensors.get(f"{name}.right_trans")
-    n1, n2 = left.shape[0], right.shape[0]
+    n1, n2 = (t.shape[0] if t.dim() else 0 for t in (left, right))
     expect_tensor(f"{name}.left_trans", left, (n1, n1), floats)
     expect_tensor(f"{name}.right_trans", right, (n2, n2), floats)
     if n1 * n2 != k:
         raise SavedModelError(f"{name}: transforms {n1} x {n2} do not cover its {k} inputs")
     clip = tensors.get(f"{name}.clip_ratio")
     expect_tensor(f"{name}.clip_ratio", clip, (1,), floats)
+    if not 0 < float(clip) <= 1:
+        raise SavedModelError(f"tensor {name}.clip_ratio: {float(clip)} is not in (0, 1]")
     if KRON_TYPE not in modules:
         raise SavedModelError(f"{name}: {FLATQUANT} needs the {KRON_TYPE!r} transform "
                               "module, which no installed plugin registers (qcore-flatquant)")

@@ -166,6 +166,13 @@ class ShardedWriter:
     def add(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Write one unit; True when the units written before it were closed into a shard
         (they are durable from then on)."""
+        for name, tensor in tensors.items():  # the whole unit is checked before writing
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise TypeError(f"{name}: safetensors cannot hold dtype {tensor.dtype}")
+            if name in self._open or any(name in s["tensors"] for s in self.shards):
+                raise ValueError(f"{name}: written twice")
+        if not tensors:
+            return False
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         flushed = bool(self._open) and self._bytes + size > self.max_bytes
         if flushed:
@@ -173,8 +180,6 @@ class ShardedWriter:
         if self._data is None:
             self._data = open(self.folder / f"{self._file}.data", "wb")  # noqa: SIM115
         for name, tensor in sorted(tensors.items()):
-            if tensor.dtype not in SAFETENSORS_DTYPES:
-                raise TypeError(f"{name}: safetensors cannot hold dtype {tensor.dtype}")
             tensor = tensor.detach().cpu()
             nbytes = tensor.numel() * tensor.element_size()
             digest = write_tensor(self._data, tensor)
@@ -210,8 +215,12 @@ class ShardedWriter:
     def abandon(self) -> None:
         """Close the open shard's data file without finishing it (the folder is removed)."""
         if self._data is not None:
-            self._data.close()
-            self._data = None
+            try:
+                self._data.close()  # flushing what is buffered can fail again on a full disk
+            except OSError:
+                pass
+            finally:
+                self._data = None
 
     def close(self) -> dict[str, dict[str, Any]]:
         """Write what is queued, give the shards their final names (and the index when

@@ -413,7 +413,8 @@ def fold_layer(layer: nn.Module, owner: LayerTransforms, norms: tuple[str, str],
     m = owner.mats(torch.float64)
     names = owner.names
     transforms: dict[str, FlatQuantTransform] = {}
-    # ascend: the clip is the activation quantizer's clip_ratio (see ascend_activations)
+    # ascend: the clip is the activation quantizer's clip_ratio (FlatQuantQuantizer.
+    # _activations), not a clamp in the transform
     clip_mode = "none" if act is None or not clip or not owner.config.lac \
         or owner.config.ascend else ("sym" if act.symmetric else "asym")
     for role, name in names.items():

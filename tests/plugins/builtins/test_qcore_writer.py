@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,25 @@ def test_a_dtype_safetensors_cannot_hold_is_refused_by_name(tmp_path):
     writer = ShardedWriter(tmp_path, 10**9, {"format": "pt"})
     with pytest.raises(TypeError, match="layer.q: safetensors cannot hold dtype"):
         writer.add({"layer.q": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_empty_units_write_nothing_and_a_repeated_name_is_refused(tmp_path):
+    writer = ShardedWriter(tmp_path, 10**9, {"format": "pt"})
+    assert writer.add({}) is False
+    writer.add({"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="w: written twice"):
+        writer.add({"w": torch.zeros(3)})
+    writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], torch.ones(3))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_abandoning_a_shard_on_a_full_disk_does_not_raise_again(tmp_path):
+    """Bytes still buffered when the disk filled fail to flush at close as well; removing
+    the partial output must not stop at that."""
+    writer = ShardedWriter(tmp_path, 10**9, {"format": "pt"})
+    writer._data = open("/dev/full", "wb")  # noqa: SIM115 - the writer closes it
+    writer.add({"small": torch.ones(4)})  # buffered, not yet written
+    writer.abandon()
+    assert writer._data is None
