@@ -352,12 +352,12 @@ def load_flatquant_linear(name: str, linear: nn.Linear, tensors: SafetensorsFold
     expect_tensor(f"{name}.clip_ratio", clip, (1,), floats)
     if not 0 < float(clip) <= 1:
         raise SavedModelError(f"tensor {name}.clip_ratio: {float(clip)} is not in (0, 1]")
-    if KRON_TYPE not in modules:
-        raise SavedModelError(f"{name}: {FLATQUANT} needs the {KRON_TYPE!r} transform "
-                              "module, which no installed plugin registers (qcore-flatquant)")
     transform_spec = TransformSpec(type=KRON_TYPE, config={"n1": n1, "n2": n2,
                                                            "has_right": True, "clip": "none"})
-    transform = build_transform(transform_spec, modules, name)
+    try:  # build_transform names the missing module type and the plugins that exist
+        transform = build_transform(transform_spec, modules, f"{name} ({FLATQUANT})")
+    except ValueError as exc:
+        raise SavedModelError(str(exc)) from exc
     transform.left.copy_(left.float())
     transform.right.copy_(right.float())
     weights = QuantArgs(bits=4, symmetric=True, granularity="channel")
