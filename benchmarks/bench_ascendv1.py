@@ -13,6 +13,9 @@ copy of SmolLM2 whose tokenizer gets a pad token, answering its interactive prom
   per-token dynamic activations) with the calibration set replaced by the benchmark's
   windows; qcore: SmoothQuant W8A8 at its defaults (alpha 0.5, per-token dynamic), same
   windows.
+* W8A8C8: the same practice plus its ``dynamic_cache`` processor as its w8a8c8 practices
+  configure it (int8 symmetric per-channel min/max KV scales: C8); qcore: SmoothQuant
+  ``--scheme W8A8C8``.
 
 Then, per scheme: the tensor names, dtypes and shapes of both exports and the keys and
 types of both descriptions are compared, and both exports are loaded through qcore's
@@ -37,6 +40,18 @@ from _common import quantize_with_qcore, window_perplexity, write_wiki_windows
 MSMS = Path("/work/msmodelslim-venv/bin/msmodelslim")
 PRACTICE = Path("/work/msmodelslim-venv/lib/python3.11/site-packages/msmodelslim/"
                 "lab_practice/default/default-w8a8.yaml")
+
+
+#: msModelSlim's static int8 KV-cache step (lab_practice/qwen3/qwen3-32b-dense-w8a8c8.yaml)
+C8_PROCESS = """\
+    - type: "dynamic_cache"
+      qconfig:
+        scope: "per_channel"
+        dtype: "int8"
+        symmetric: True
+        method: "minmax"
+      include: [ "*" ]
+"""
 
 
 def _tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -119,6 +134,8 @@ def main() -> None:
         "part_file_size: 4", f'part_file_size: 4\n  dataset: "{jsonl}"')
     config = work / "w8a8.yaml"
     config.write_text(practice)
+    config_c8 = work / "w8a8c8.yaml"  # + the KV-cache processor of its w8a8c8 practices
+    config_c8.write_text(practice.replace("  runner:", C8_PROCESS + "  runner:"))
 
     rows, checks = [], {}
     fp, _, _ = api.load_model(str(model))
@@ -126,7 +143,8 @@ def main() -> None:
                  "seconds": 0.0})
     del fp
     cases = [("W8A16", "w8a16", None, "rtn", "W8A16"),
-             ("W8A8", "w8a8", config, "smoothquant", "W8A8")]
+             ("W8A8", "w8a8", config, "smoothquant", "W8A8"),
+             ("W8A8C8", "w8a8c8", config_c8, "smoothquant", "W8A8C8")]
     for label, quant_type, cfg, method, scheme in cases:
         theirs = work / f"msmodelslim-{quant_type}"
         seconds = run_msmodelslim(model, theirs, quant_type, cfg)

@@ -7,6 +7,8 @@ os.wait4 and prints one table and FlatQuant's per-layer training losses:
 
     python benchmarks/bench_flatquant.py                        # 128 x 512, 15 epochs
     python benchmarks/bench_flatquant.py --samples 8 --epochs 2 --skip-peer
+    python benchmarks/bench_flatquant.py --samples 32 --epochs 2 --skip-peer \
+        --rows fp32,flatquant:W4A4,flatquant:W4A4:ascend=true   # + method options
 
 Data: /work/shared/data/wiki_en.txt split at the first article title past the middle
 (qcore.data.select_part); the head gives N consecutive 512-token calibration windows, the
@@ -101,7 +103,9 @@ def main() -> None:
                    "(default: --epochs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="fp32,rtn:W4A4,smoothquant:W4A4,flatquant:W4A4,"
-                   "rtn:W8A8,flatquant:W8A8", help="comma-separated method:scheme rows")
+                   "rtn:W8A8,flatquant:W8A8",
+                   help="comma-separated method:scheme[:key=value...] rows (method options, "
+                        "values as JSON where they parse)")
     p.add_argument("--skip-peer", action="store_true", help="qcore rows only")
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)
@@ -125,8 +129,9 @@ def main() -> None:
     calib = files[a.samples]
     rows: list[tuple[str, dict]] = []
     for row in a.rows.split(","):
-        method, _, scheme = row.partition(":")
-        label = f"qcore {method} {scheme}".strip()
+        method, _, rest = row.partition(":")
+        scheme, *sets = rest.split(":") if rest else [""]
+        label = " ".join(["qcore", method, scheme, *sets]).strip()
         if method != "fp32" and method not in available:
             rows.append((label, {"error": f"plugin {method!r} not installed"}))
             continue
@@ -135,6 +140,12 @@ def main() -> None:
             epochs = a.w8a8_epochs if scheme == "W8A8" and a.w8a8_epochs is not None \
                 else a.epochs
             options = {"epochs": epochs, "batch_size": a.fq_batch_size}
+        for item in sets:
+            key, _, value = item.partition("=")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
         rows.append((label, run_child(sys.executable, "qcore", a, calib, eval_ids, folder,
                                       method, scheme, options)))
         print(label, {k: v for k, v in rows[-1][1].items() if k != "layers"}, flush=True)

@@ -1,7 +1,7 @@
 """SmoothQuant on SmolLM2-135M: quality, the real CPU int8 path, and llm-compressor.
 
     python benchmarks/bench_smoothquant.py [--parts quality,kernels,e2e] [--samples 32]
-        [--windows 16] [--skip-peer] [--threads N] [--json out.json]
+        [--windows 16] [--skip-peer] [--kv] [--threads N] [--json out.json]
 
 quality: perplexity on the standard setting (wiki_en.txt split at its middle title; head
   calibrates with --samples consecutive windows of 512 tokens, tail evaluates on its first
@@ -138,6 +138,14 @@ EXTRA_RUNS = [
      {"alpha": 0.5, "activation_mode": "static"}],
     ["W8A8KV8 SmoothQuant a=0.5", "smoothquant", "W8A8KV8", {"alpha": 0.5}],
 ]
+#: --kv: the KV-cache schemes against W8A8 (dynamic per group; static per channel / tensor)
+KV_RUNS = [
+    FP32,
+    [SIDE_BY_SIDE, "smoothquant", "W8A8", {"alpha": 0.5}],
+    ["W8A8KV8 SmoothQuant a=0.5", "smoothquant", "W8A8KV8", {"alpha": 0.5}],
+    ["W8A8C8 SmoothQuant a=0.5", "smoothquant", "W8A8C8", {"alpha": 0.5}],
+    ["W8A8C8-TENSOR SmoothQuant a=0.5", "smoothquant", "W8A8C8-TENSOR", {"alpha": 0.5}],
+]
 
 
 def quality(args) -> dict:
@@ -149,6 +157,8 @@ def quality(args) -> dict:
         calib = files[args.samples]
         runs = QUALITY_RUNS[:3] if args.quick else QUALITY_RUNS + (EXTRA_RUNS if args.full
                                                                      else [])
+        if args.kv:
+            runs = KV_RUNS
         ours, ours_wall = _run_worker(sys.executable, [
             "--worker", "qcore", str(folder), str(calib), str(evalf), json.dumps(runs)])
         peer, peer_wall = None, None
@@ -327,6 +337,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="quality: only fp32, SQ and RTN W8A8")
     p.add_argument("--full", action="store_true",
                    help="quality: also alpha 0.85, static activations, W8A8KV8")
+    p.add_argument("--kv", action="store_true",
+                   help="quality: fp32, W8A8 and the KV-cache schemes W8A8KV8 (dynamic), "
+                        "W8A8C8 and W8A8C8-TENSOR (static scales) instead")
     p.add_argument("--engines", default="auto,onednn,fbgemm,int_mm")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=64)

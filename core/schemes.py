@@ -92,6 +92,14 @@ class QuantScheme(BaseModel):
             )
         if act is not None and act.granularity == "token" and not act.dynamic:
             raise ValueError("per-token activation quantization must be dynamic")
+        kv = self.kv_cache
+        if kv is not None and not kv.dynamic:
+            if kv.granularity not in ("tensor", "channel"):
+                raise ValueError("static kv_cache.granularity must be 'tensor' or 'channel' "
+                                 f"(of the KV heads), not {kv.granularity!r}")
+            if not kv.symmetric:
+                raise ValueError("static kv_cache quantization must be symmetric (vLLM and "
+                                 "vllm-ascend apply the scale only)")
         return self
 
     def with_observer(self, observer: str | None) -> QuantScheme:
@@ -128,6 +136,13 @@ def _kv(bits: int) -> QuantArgs:
     return QuantArgs(bits=bits, symmetric=False, granularity="group", group_size=128, dynamic=True)
 
 
+#: static int8 KV scales per channel, max |x| / 127: msModelSlim's C8, which vllm-ascend runs
+_C8 = QuantArgs(bits=8, symmetric=True, granularity="channel")
+#: one static int8 scale per tensor, max |x| / 127.5: compressed-tensors' kv_cache_scheme
+#: as llm-compressor calibrates it (vLLM reads it)
+_C8_TENSOR = QuantArgs(bits=8, symmetric=True, granularity="tensor", symmetric_range="full")
+
+
 PRESETS: dict[str, QuantScheme] = {
     "W4A16": QuantScheme(name="W4A16", weights=_weights(4, False, 128)),
     "W3A16": QuantScheme(name="W3A16", weights=_weights(3, False, 128)),
@@ -141,6 +156,14 @@ PRESETS: dict[str, QuantScheme] = {
         weights=_weights(8, True, None),
         activations=_tokens(8, True),
         kv_cache=_kv(8),
+    ),
+    "W8A8C8": QuantScheme(
+        name="W8A8C8", weights=_weights(8, True, None), activations=_tokens(8, True),
+        kv_cache=_C8,
+    ),
+    "W8A8C8-TENSOR": QuantScheme(
+        name="W8A8C8-TENSOR", weights=_weights(8, True, None), activations=_tokens(8, True),
+        kv_cache=_C8_TENSOR,
     ),
     "W4A4KV4": QuantScheme(
         name="W4A4KV4",

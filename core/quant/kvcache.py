@@ -7,15 +7,23 @@ PyTorch's scaled-dot-product attention. A quantizer enables it with
 :func:`enable_kv_quantization`; the qcore save format records the specs and re-enables it
 on load.
 
-Keys and values are quantized per token and head, in groups over the head dimension
-(group size capped at ``head_dim``), asymmetric by default (the study's KV setting). An
-optional ``key_transform`` module (e.g. FlatQuant's learned head_dim transform) is applied
-to keys, and its inverse transpose to queries, before quantization, leaving q k^T unchanged
-in exact arithmetic.
+Dynamic (the study's KV setting, ``W8A8KV8``/``W4A4KV4``): keys and values are quantized
+per token and head, in groups over the head dimension (group size capped at ``head_dim``),
+asymmetric. An optional ``key_transform`` module (e.g. FlatQuant's learned head_dim
+transform) is applied to keys, and its inverse transpose to queries, before quantization,
+leaving q k^T unchanged in exact arithmetic.
+
+Static (what serving engines store, ``W8A8C8``/``W8A8C8-TENSOR``): symmetric scales fixed
+at calibration from the absolute maxima of the post-RoPE keys and values, one per tensor
+or one per KV channel (``(num_kv_heads, head_dim)``: msModelSlim's C8); they are the
+quantizer's ``key_scale``/``value_scale`` buffers, saved with the model. A quantizer
+calibrates them by running the layer inside :func:`kv_calibration`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from qcore.quant.linear import TransformSpec, build_transform
-from qcore.quant.qparams import fake_quantize, qparams_lastdim
+from qcore.quant.qparams import args_qparams, fake_quantize, qparams_lastdim
 from qcore.schemes import QuantArgs
 
 ATTN_IMPLEMENTATION = "qcore_kv"
@@ -35,6 +43,12 @@ class KVCacheSpec(BaseModel):
     keys: QuantArgs | None
     values: QuantArgs | None
     key_transform: TransformSpec | None = None
+    #: shape of the static scales: [1] per tensor, [num_kv_heads, head_dim] per channel
+    scale_shape: list[int] | None = None
+
+    @property
+    def static(self) -> bool:
+        return any(a is not None and not a.dynamic for a in (self.keys, self.values))
 
 
 def fake_quantize_heads(x: torch.Tensor, args: QuantArgs, ste: bool = False) -> torch.Tensor:
@@ -51,26 +65,107 @@ def fake_quantize_heads(x: torch.Tensor, args: QuantArgs, ste: bool = False) -> 
     return fake_quantize(view, scale, zero, args.bits, ste).reshape(x.shape).to(x.dtype)
 
 
+def static_scale_shape(args: QuantArgs, num_kv_heads: int, head_dim: int) -> list[int]:
+    """The shape of a static KV scale: [1] per tensor, [heads, head_dim] per channel."""
+    if args.granularity == "tensor":
+        return [1]
+    if args.granularity == "channel":
+        return [num_kv_heads, head_dim]
+    raise ValueError(f"static KV-cache quantization is per 'tensor' or 'channel', not "
+                     f"{args.granularity!r}")
+
+
+def fake_quantize_static(x: torch.Tensor, args: QuantArgs, scale: torch.Tensor
+                         ) -> torch.Tensor:
+    """Fake-quantize (batch, heads, tokens, head_dim) with a fixed symmetric scale of shape
+    [1] or [heads, head_dim]."""
+    s = scale.float() if scale.dim() == 1 else scale.float()[:, None, :]
+    zero = torch.full_like(s, float(2 ** (args.bits - 1)))
+    return fake_quantize(x.float(), s, zero, args.bits).to(x.dtype)
+
+
 class KVCacheQuantizer(nn.Module):
-    """Attached to an attention module as ``qcore_kv``."""
+    """Attached to an attention module as ``qcore_kv``. A static spec holds the
+    ``key_scale``/``value_scale`` buffers (NaN until calibrated: using them before then
+    is an error, not a silent float cache)."""
 
     def __init__(self, spec: KVCacheSpec, key_transform: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.key_transform = key_transform
         self.enabled = True
+        self.calibrating = False
+        self._absmax: dict[str, torch.Tensor] = {}
+        if spec.static:
+            if spec.scale_shape is None:
+                raise ValueError("a static KV-cache spec needs scale_shape")
+            if spec.key_transform is not None:
+                raise ValueError("static KV-cache scales with a key transform are not "
+                                 "supported")
+            for role in ("key", "value"):
+                self.register_buffer(f"{role}_scale", torch.full(spec.scale_shape,
+                                                                 float("nan")))
+
+    def _observe(self, role: str, x: torch.Tensor) -> None:
+        a = x.detach().float().abs()
+        m = a.amax().reshape(1) if self.spec.scale_shape == [1] else a.amax(dim=(0, 2))
+        old = self._absmax.get(role)
+        self._absmax[role] = m if old is None else torch.maximum(old, m)
+
+    def finish_calibration(self) -> dict[str, torch.Tensor]:
+        """Set the static scales from the observed maxima; returns them by role."""
+        out = {}
+        for role, args in (("key", self.spec.keys), ("value", self.spec.values)):
+            if args is None or args.dynamic:
+                continue
+            if role not in self._absmax:
+                raise RuntimeError("KV-cache calibration observed no keys/values: did the "
+                                   "layer run inside kv_calibration()?")
+            m = self._absmax[role]
+            scale, _ = args_qparams(-m, m, args)
+            getattr(self, f"{role}_scale").copy_(scale.reshape(self.spec.scale_shape))
+            out[role] = scale
+        self._absmax = {}
+        return out
+
+    def _quantize(self, role: str, x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
+        if args is None:
+            return x
+        if args.dynamic:
+            return fake_quantize_heads(x, args)
+        scale = getattr(self, f"{role}_scale")
+        if torch.isnan(scale).any():
+            raise RuntimeError(f"static KV-cache {role} scales were never calibrated "
+                               "(calibrate inside qcore.quant.kvcache.kv_calibration)")
+        return fake_quantize_static(x, args, scale)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.key_transform is not None:
             query, key = self.key_transform(query, key)
+        if self.calibrating:
+            self._observe("key", key)
+            self._observe("value", value)
+            return query, key, value
         if not self.enabled:
             return query, key, value
-        if self.spec.keys is not None:
-            key = fake_quantize_heads(key, self.spec.keys)
-        if self.spec.values is not None:
-            value = fake_quantize_heads(value, self.spec.values)
-        return query, key, value
+        return (query, self._quantize("key", key, self.spec.keys),
+                self._quantize("value", value, self.spec.values))
+
+
+@contextmanager
+def kv_calibration(quantizers: list[KVCacheQuantizer]) -> Iterator[None]:
+    """Forwards inside observe the keys and values (unquantized) of ``quantizers``; on
+    leaving, their static scales are set from the observed maxima."""
+    for q in quantizers:
+        q.calibrating = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.calibrating = False
+    for q in quantizers:
+        q.finish_calibration()
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,6 +176,43 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if kv is not None:
         query, key, value = kv(query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def spec_for(keys: QuantArgs | None, values: QuantArgs | None, num_kv_heads: int,
+             head_dim: int) -> KVCacheSpec:
+    """A KVCacheSpec for one attention module (static scales shaped for its KV heads)."""
+    static = next((a for a in (keys, values) if a is not None and not a.dynamic), None)
+    shape = static_scale_shape(static, num_kv_heads, head_dim) if static is not None else None
+    return KVCacheSpec(keys=keys, values=values, scale_shape=shape)
+
+
+def kv_layout(config: Any) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) from a transformers decoder config."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(heads), int(head_dim)
+
+
+def attach_static_kv(model: nn.Module, args: QuantArgs,
+                     scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Static KV-cache quantizers with the given (key, value) scales, shaped [1] or
+    [num_kv_heads, head_dim], on the named attention modules (what a reader of a serving
+    format rebuilds)."""
+    heads, head_dim = kv_layout(model.config)
+    for name, (key, value) in scales.items():
+        attn = model.get_submodule(name)
+        quantizer = KVCacheQuantizer(spec_for(args, args, heads, head_dim))
+        quantizer.key_scale.copy_(key.float().reshape(quantizer.key_scale.shape))
+        quantizer.value_scale.copy_(value.float().reshape(quantizer.value_scale.shape))
+        attn.qcore_kv = quantizer.to(next(attn.parameters()).device)
+    use_kv_attention(model)
+
+
+def use_kv_attention(model: nn.Module) -> None:
+    """Route the model's attention through ``qcore_kv`` (modules without a
+    ``qcore_kv`` quantizer run plain SDPA)."""
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 def register_attention() -> None:
@@ -105,13 +237,18 @@ def enable_kv_quantization(model: nn.Module, spec: KVCacheSpec,
                            key_transforms: dict[str, nn.Module] | None = None) -> int:
     """Attach a KVCacheQuantizer to every attention module and switch the model to the
     ``qcore_kv`` attention implementation. Returns the number of modules patched."""
-    register_attention()
     modules = attention_modules(model)
     for name, attn in modules.items():
         transform = (key_transforms or {}).get(name)
         attn.qcore_kv = KVCacheQuantizer(spec, key_transform=transform)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    use_kv_attention(model)
     return len(modules)
+
+
+def kv_quantizers(model: nn.Module) -> dict[str, KVCacheQuantizer]:
+    """Each attention module's KV-cache quantizer, by the attention module's name."""
+    return {name: m.qcore_kv for name, m in attention_modules(model).items()
+            if isinstance(getattr(m, "qcore_kv", None), KVCacheQuantizer)}
 
 
 def kv_specs(model: nn.Module) -> dict[str, dict]:
@@ -126,9 +263,8 @@ def restore_kv_quantization(model: nn.Module, specs: dict[str, dict],
     """Rebuild KVCacheQuantizers from saved specs (before the tensors are loaded)."""
     if not specs:
         return
-    register_attention()
     for name, raw in specs.items():
         spec = KVCacheSpec.model_validate(raw)
         transform = build_transform(spec.key_transform, modules, f"{name}.qcore_kv")
         model.get_submodule(name).qcore_kv = KVCacheQuantizer(spec, key_transform=transform)
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    use_kv_attention(model)

@@ -30,13 +30,19 @@ inputs), codes are signed (``q_s = q - 2**(bits-1)``) and dequantize as
   ``clip_ratio * max|x| / 7`` and an integer matmul. q/k/v (and gate/up), which it fuses,
   must share transform and ratio.
 
+A static KV cache (``W8A8C8``, or ``W8A8C8-TENSOR`` written per channel) is ``C8``:
+``<attn>.k_proj.kv_cache_scale`` and ``<attn>.v_proj.kv_cache_scale`` float32
+[num_kv_heads * head_dim] (head-major) with zero ``kv_cache_offset`` beside them, and
+``kv_cache_type`` / ``kv_quant_type`` ``"C8"`` in the description; vllm-ascend quantizes
+the post-RoPE keys and values with the scale (offsets are not applied: they must be 0).
+
 Everything else (embeddings, norms, ``lm_head`` even when tied to the embeddings, and
 every bias, in float32) is ``FLOAT``. Shards are named and indexed as msModelSlim's
 saver names them (an index even for one shard; 4 GB shards by default). Refused, naming
 the layer: qcore's default FlatQuant (:data:`FLATQUANT_GAP`: asymmetric activations with
 two clip ratios, a head transform on o_proj), activations other than the ones above,
 weight widths other than 4 and 8, and qcore's dynamic KV cache (``C8`` stores static
-scales).
+scales) or a static one other than 8-bit symmetric.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
-from qcore.quant.kvcache import kv_specs
+from qcore.quant.kvcache import attach_static_kv, attention_modules, kv_layout, kv_quantizers
 from qcore.quant.linear import QuantLinear, QuantLinearSpec, TransformSpec, build_transform
 from qcore.quant.packing import pack_codes
 from qcore.quant.qparams import group_index
@@ -74,6 +80,10 @@ FLOAT = "FLOAT"
 #: the model's type is its lowest-bit layer type (msModelSlim's priority, first wins)
 PRIORITY = ("W4A4_FLATQUANT_DYNAMIC", "W4A16", "W8A8", "W8A8_DYNAMIC", "W8A16")
 FLATQUANT = "W4A4_FLATQUANT_DYNAMIC"
+#: msModelSlim's static int8 KV cache
+C8 = "C8"
+#: the C8 tensors live under these linears of an attention module
+KV_LINEARS = {"key": "k_proj", "value": "v_proj"}
 #: the transform type of qcore's FlatQuant linears (the flatquant plugin's KRON_TYPE)
 KRON_TYPE = "flatquant_kron"
 #: linears vllm-ascend fuses into one layer (one transform and clip ratio for all)
@@ -230,10 +240,10 @@ def linear_tensors(name: str, m: QuantLinear, kind: str, bf16: bool = False
 def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str],
                                                 dict[str, str]]:
     """(tensors, description types per tensor, type per quantized linear)."""
-    kv = kv_specs(model)
-    if kv:
-        raise NotExpressible(f"{next(iter(kv))}: the KV cache is quantized dynamically per "
-                             "group at run time; ascendV1's C8 stores static KV scales")
+    kv = kv_quantizers(model)
+    for name, q in kv.items():
+        if problem := _kv_problem(q.spec.keys) or _kv_problem(q.spec.values):
+            raise NotExpressible(f"{name}: {problem}")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not linears:
         raise NotExpressible("the model has no quantized linear: nothing to export")
@@ -242,8 +252,9 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
+    skipped = set(linears) | {f"{n}.qcore_kv" for n in kv}
     for name, tensor in model.state_dict().items():
-        if any(name.startswith(f"{p}.") and p in linears
+        if any(name.startswith(f"{p}.") and p in skipped
                for p in _prefixes(name)):  # a linear's own (or its transform's) tensor
             continue
         # a tied lm_head is written too (msModelSlim does), as its own copy
@@ -253,7 +264,28 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         for tname, tensor in linear_tensors(name, m, kinds[name], bf16).items():
             tensors[tname] = tensor
             types[tname] = FLOAT if tname.endswith(".bias") else kinds[name]
+    for name, q in kv.items():
+        for role, linear in KV_LINEARS.items():
+            scale = getattr(q, f"{role}_scale").detach().float().cpu()
+            scale = scale.expand(q.spec.scale_shape if scale.numel() > 1 else
+                                 kv_layout(model.config)).reshape(-1).contiguous()
+            tensors[f"{name}.{linear}.kv_cache_scale"] = scale
+            tensors[f"{name}.{linear}.kv_cache_offset"] = torch.zeros_like(scale)
+            types[f"{name}.{linear}.kv_cache_scale"] = C8
+            types[f"{name}.{linear}.kv_cache_offset"] = C8
     return tensors, types, kinds
+
+
+def _kv_problem(kv: QuantArgs | None) -> str | None:
+    """Why ascendV1's C8 cannot hold a KV quantizer (None: it can)."""
+    if kv is None:
+        return "keys or values left in float; C8 quantizes both"
+    if kv.dynamic:
+        return ("the KV cache is quantized dynamically per group at run time; ascendV1's C8 "
+                "stores static KV scales: use --scheme W8A8C8")
+    if kv.bits != 8 or not kv.symmetric:
+        return f"KV cache {kv.describe()}; C8 is int8 symmetric (static scales, no offset)"
+    return None
 
 
 def _prefixes(name: str) -> list[str]:
@@ -377,9 +409,36 @@ def load_flatquant_linear(name: str, linear: nn.Linear, tensors: SafetensorsFold
     return module
 
 
+#: how qcore runs a C8 cache: int8, symmetric, a fixed scale per KV channel
+C8_ARGS = QuantArgs(bits=8, symmetric=True, granularity="channel")
+
+
+def read_kv_scales(model: nn.Module, tensors: SafetensorsFolder
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each attention module's C8 (key, value) scales, shaped [num_kv_heads, head_dim]."""
+    heads, head_dim = kv_layout(model.config)
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    out = {}
+    for name in attention_modules(model):
+        pair = []
+        for linear in KV_LINEARS.values():
+            scale = tensors.get(f"{name}.{linear}.kv_cache_scale")
+            offset = tensors.get(f"{name}.{linear}.kv_cache_offset")
+            for tname, t in (("kv_cache_scale", scale), ("kv_cache_offset", offset)):
+                expect_tensor(f"{name}.{linear}.{tname}", t, (heads * head_dim,), floats)
+            if bool(torch.any(offset != 0)):
+                raise SavedModelError(f"tensor {name}.{linear}.kv_cache_offset: nonzero; "
+                                      "vllm-ascend applies the scale only (symmetric C8)")
+            if not bool(torch.all(scale > 0)):
+                raise SavedModelError(f"tensor {name}.{linear}.kv_cache_scale: a scale <= 0")
+            pair.append(scale.float().reshape(heads, head_dim))
+        out[name] = (pair[0], pair[1])
+    return out
+
+
 class AscendV1Format(Format):
     name = "ascendv1"
-    description = "msModelSlim's ascendV1 layout for vllm-ascend / MindIE (W8A16, W4A16, " \
+    description = "msModelSlim's ascendV1 layout for vllm-ascend / MindIE (W8A16, W4A16, C8, " \
                   "W8A8_DYNAMIC, W8A8, W4A4_FLATQUANT_DYNAMIC)"
 
     @classmethod
@@ -389,9 +448,8 @@ class AscendV1Format(Format):
             if a is None or not (a.symmetric and a.bits == 4 and w.bits == 4
                                  and w.symmetric and w.granularity == "channel"):
                 return FLATQUANT_GAP
-        if scheme.kv_cache is not None:
-            return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
-                    "ascendV1's C8 stores static KV scales")
+        if scheme.kv_cache is not None and (problem := _kv_problem(scheme.kv_cache)):
+            return f"scheme {scheme.name}: {problem}"
         return None
 
     @classmethod
@@ -406,6 +464,8 @@ class AscendV1Format(Format):
         description = {**types, "version": VERSION, "model_quant_type": model_type,
                        "metadata": {}, "group_size": _group_size(linears, kinds),
                        "optional": {}}
+        if C8 in types.values():
+            description.update({"kv_cache_type": C8, "kv_quant_type": C8})
         max_shard = metadata.get("max_shard_size") or DEFAULT_SHARD
         with atomic_directory(path) as tmp:
             files = write_safetensors(tensors, tmp, max_shard, pattern=WEIGHTS_PATTERN,
@@ -443,10 +503,13 @@ class AscendV1Format(Format):
         except (OSError, ValueError) as exc:
             raise SavedModelError(f"{path / DESCRIPTION}: unreadable ({exc})") from exc
         group_size = int(description.get("group_size", 0) or 0)
-        attention = description.get("kv_quant_type") or description.get("fa_quant_type")
-        if attention:
-            raise SavedModelError(f"{path}: KV-cache / attention quantization ({attention}) "
-                                  "is not read by qcore")
+        kv_type = description.get("kv_cache_type") or description.get("kv_quant_type")
+        if kv_type not in (None, C8):
+            raise SavedModelError(f"{path}: KV-cache quantization {kv_type} is not read by "
+                                  f"qcore ({C8} only)")
+        if description.get("fa_quant_type"):
+            raise SavedModelError(f"{path}: attention quantization "
+                                  f"({description['fa_quant_type']}) is not read by qcore")
         tensors = SafetensorsFolder(path, single="quant_model_weights.safetensors",
                                     index_file=WEIGHTS_INDEX, error=SavedModelError)
         readable = {"W8A16", "W4A16", "W8A8_DYNAMIC", "W8A8", FLATQUANT}
@@ -463,9 +526,11 @@ class AscendV1Format(Format):
             return load_linear(name, linear, kind, tensors, group_size, dtype)
 
         model, tokenizer, quantized = assemble(path, tensors, make)
+        if kv_type == C8:
+            attach_static_kv(model, C8_ARGS, read_kv_scales(model, tensors))
         meta = {"format": self.name, "description": {k: v for k, v in description.items()
                                                      if k in ("version", "model_quant_type",
-                                                              "group_size")},
+                                                              "group_size", "kv_cache_type")},
                 "quantized_layers": layer_specs(quantized)}
         return model, tokenizer, meta
 

@@ -18,10 +18,15 @@ packed words hold them offset back by ``2**(bits-1)``, i.e. qcore's unsigned cod
 its dequantization ``(q_s - z_s) * scale`` equals qcore's ``(q - z) * scale`` bit for
 bit. Scales are written in float32 (qcore's), whatever the model's dtype.
 
+A static per-tensor KV cache (``W8A8C8-TENSOR``) becomes ``kv_cache_scheme`` (int8,
+symmetric, strategy ``tensor``) with each attention module's ``k_scale`` and ``v_scale``
+[1] (compressed-tensors quantizes the post-RoPE keys and values with them, as qcore does).
+
 Refused, naming the layer and what the format lacks: online input transforms
 (FlatQuant), activation clipping, a permuted ``g_idx`` (act-order without static groups:
-compressed-tensors 0.20 removed ``actorder="group"``), per-tensor weights, and qcore's
-dynamic per-group KV-cache quantization (compressed-tensors stores static KV scales).
+compressed-tensors 0.20 removed ``actorder="group"``), per-tensor weights, qcore's
+dynamic per-group KV-cache quantization and per-channel static KV scales (W8A8C8: the
+kv_cache_scheme holds one scale per tensor or per head).
 
 Reading (``--model DIR`` of a compressed-tensors checkpoint, e.g. llm-compressor's):
 the packed codes load into QuantLinear modules as they are, never dequantized to float;
@@ -43,7 +48,7 @@ from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
 from qcore.models.loading import quantization_config
-from qcore.quant.kvcache import kv_specs
+from qcore.quant.kvcache import attach_static_kv, attention_modules, kv_quantizers
 from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, pack_int32, unpack_int32
 from qcore.quant.qparams import group_index
@@ -82,6 +87,48 @@ def _activation_args(name: str, a: QuantArgs | None) -> dict[str, Any] | None:
                              "compressed-tensors has no activation clip ratio")
     return {"num_bits": a.bits, "type": "int", "symmetric": a.symmetric, "group_size": None,
             "strategy": a.granularity, "dynamic": a.dynamic}
+
+
+def _kv_problem(kv: QuantArgs) -> str | None:
+    if kv.dynamic:
+        return ("the KV cache is quantized dynamically per group at run time; "
+                "compressed-tensors stores static KV-cache scales (kv_cache_scheme): use "
+                "--scheme W8A8C8-TENSOR, a scheme without KV quantization or the qcore format")
+    if kv.granularity != "tensor":
+        return (f"static KV scales per {kv.granularity}; compressed-tensors' kv_cache_scheme "
+                "holds one scale per tensor (or head): use --scheme W8A8C8-TENSOR, or "
+                "--format ascendv1 for per-channel C8")
+    return None
+
+
+def _kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
+    """The ``kv_cache_scheme`` of a model whose attention modules share one static
+    per-tensor KV quantizer; None without KV quantization."""
+    quantizers = kv_quantizers(model)
+    schemes = set()
+    for name, q in quantizers.items():
+        if q.spec.keys != q.spec.values or q.spec.keys is None:
+            raise NotExpressible(f"{name}: keys and values quantized differently; "
+                                 "kv_cache_scheme holds one scheme for both")
+        problem = _kv_problem(q.spec.keys)
+        if problem:
+            raise NotExpressible(f"{name}: {problem}")
+        schemes.add(q.spec.keys.bits)
+    if not schemes:
+        return None
+    if len(schemes) > 1:
+        raise NotExpressible(f"KV caches of {sorted(schemes)} bits; kv_cache_scheme holds one")
+    return {"num_bits": schemes.pop(), "type": "int", "symmetric": True, "group_size": None,
+            "strategy": "tensor", "dynamic": False}
+
+
+def kv_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each attention module's ``k_scale`` and ``v_scale`` [1], float32."""
+    out = {}
+    for name, q in kv_quantizers(model).items():
+        out[f"{name}.k_scale"] = q.key_scale.detach().float().reshape(1).cpu()
+        out[f"{name}.v_scale"] = q.value_scale.detach().float().reshape(1).cpu()
+    return out
 
 
 def _check_expressible(name: str, m: QuantLinear) -> None:
@@ -124,12 +171,7 @@ def linear_tensors(name: str, m: QuantLinear, fmt: str) -> dict[str, torch.Tenso
 def export_plan(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
     """(quantization_config, format per quantized linear); NotExpressible for a model
     the format cannot hold, naming the first layer that stops it."""
-    kv = kv_specs(model)
-    if kv:
-        raise NotExpressible(f"{next(iter(kv))}: the KV cache is quantized dynamically per "
-                             "group at run time; compressed-tensors stores static KV-cache "
-                             "scales (kv_cache_scheme): export a scheme without KV "
-                             "quantization or use the qcore format")
+    kv_scheme = _kv_cache_scheme(model)
     groups: dict[str, dict[str, Any]] = {}
     members: dict[str, list[str]] = {}
     formats: dict[str, str] = {}
@@ -158,7 +200,7 @@ def export_plan(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
     distinct = set(formats.values())
     qconfig = {
         "version": CT_VERSION, "quant_method": QUANT_METHOD, "sparsity_config": {},
-        "transform_config": {}, "config_groups": config_groups, "kv_cache_scheme": None,
+        "transform_config": {}, "config_groups": config_groups, "kv_cache_scheme": kv_scheme,
         "format": distinct.pop() if len(distinct) == 1 else "mixed-precision",
         "quantization_status": "compressed", "global_compression_ratio": None,
         "ignore": ignore, "moe_sparsity_config": None,
@@ -210,6 +252,33 @@ def _qcore_args(raw: dict[str, Any], where: str, symmetric_range: str = "signed"
                      group_size=raw.get("group_size") if strategy == "group" else None,
                      dynamic=bool(raw.get("dynamic", False)),
                      symmetric_range=symmetric_range if symmetric else "signed")
+
+
+def _read_kv_scheme(path: Path, raw: dict[str, Any] | None) -> QuantArgs | None:
+    """A kv_cache_scheme qcore runs: static, symmetric, integer, per tensor."""
+    if not raw:
+        return None
+    args = _qcore_args(raw, f"{path}: kv_cache_scheme", "full")
+    if args.dynamic or not args.symmetric or args.granularity != "tensor":
+        raise SavedModelError(f"{path}: kv_cache_scheme {args.describe()} is not read by qcore "
+                              "(static symmetric per-tensor scales only)")
+    return args
+
+
+def _read_kv_scales(model: nn.Module, tensors: SafetensorsFolder
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    scales = {}
+    for name in attention_modules(model):
+        pair = []
+        for role in ("k", "v"):
+            t = tensors.get(f"{name}.{role}_scale")
+            # one value; llm-compressor writes [1], older releases a 0-dim tensor
+            shape = tuple(t.shape) if t.numel() == 1 else (1,)
+            expect_tensor(f"{name}.{role}_scale", t, shape, floats)
+            pair.append(t)
+        scales[name] = (pair[0], pair[1])
+    return scales
 
 
 def _scheme_for(name: str, module: nn.Module, qconfig: dict[str, Any]
@@ -289,10 +358,8 @@ class CompressedTensorsFormat(Format):
         if online_transforms:
             return ("the method keeps online input transforms (FlatQuant's), which "
                     "compressed-tensors cannot hold: save in the qcore format")
-        if scheme.kv_cache is not None:
-            return (f"scheme {scheme.name} quantizes the KV cache dynamically per group; "
-                    "compressed-tensors stores static KV-cache scales: choose a scheme "
-                    "without KV quantization or the qcore format")
+        if scheme.kv_cache is not None and (problem := _kv_problem(scheme.kv_cache)):
+            return f"scheme {scheme.name}: {problem}"
         act = scheme.activations
         if act is not None and act.clip_ratio != 1.0:
             return (f"scheme {scheme.name} clips activations to {act.clip_ratio} of their "
@@ -311,9 +378,11 @@ class CompressedTensorsFormat(Format):
              ) -> SavedModel:
         qconfig, formats = export_plan(model)
         modules = dict(model.named_modules())
-        tensors = unique_state_dict(model, skip=set(formats))
+        kv_modules = {f"{n}.qcore_kv" for n in kv_quantizers(model)}
+        tensors = unique_state_dict(model, skip=set(formats) | kv_modules)
         for name, fmt in formats.items():
             tensors.update(linear_tensors(name, modules[name], fmt))
+        tensors.update(kv_tensors(model))
         max_shard = metadata.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE
         ranges = {m.spec.activations.symmetric_range for n in formats
                   if (m := modules[n]).spec.activations is not None
@@ -350,9 +419,7 @@ class CompressedTensorsFormat(Format):
              ) -> tuple[nn.Module, Any, dict]:
         path = Path(path)
         qconfig = quantization_config(path) or {}
-        if qconfig.get("kv_cache_scheme"):
-            raise SavedModelError(f"{path}: a kv_cache_scheme (static KV-cache scales) is not "
-                                  "supported by qcore's reader")
+        kv_args = _read_kv_scheme(path, qconfig.get("kv_cache_scheme"))
         if qconfig.get("transform_config"):
             raise SavedModelError(f"{path}: transform_config (online rotations) is not "
                                   "supported by qcore's reader")
@@ -370,6 +437,8 @@ class CompressedTensorsFormat(Format):
             return load_linear(name, linear, group, fmt, tensors, dtype, activation_range)
 
         model, tokenizer, quantized = assemble(path, tensors, make)
+        if kv_args is not None:
+            attach_static_kv(model, kv_args, _read_kv_scales(model, tensors))
         meta = {"format": self.name, "quantization_config": qconfig,
                 "quantized_layers": layer_specs(quantized)}
         return model, tokenizer, meta

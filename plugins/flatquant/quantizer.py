@@ -518,6 +518,11 @@ class FlatQuantQuantizer(Quantizer):
                     f"quantization; scheme {scheme.name} has weights {w.describe()}, "
                     f"activations {act.describe() if act else 'none'}"
                     f"{', a quantized KV cache' if scheme.kv_cache else ''} (use --scheme W4A4)")
+        if scheme.kv_cache is not None and not scheme.kv_cache.dynamic:
+            raise UnsupportedScheme(
+                f"flatquant quantizes the KV cache dynamically (per token and head, with its "
+                f"learned key transform); scheme {scheme.name} asks static KV scales "
+                f"({scheme.kv_cache.describe()}): use W4A4KV4, or smoothquant for static KV")
         act = scheme.activations
         if act is not None and act.granularity != "token":
             raise UnsupportedScheme(

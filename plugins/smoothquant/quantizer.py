@@ -18,8 +18,12 @@ Per decoder layer:
    earlier groups already quantized), with int8 activations per token (dynamic,
    symmetric) or per tensor (static, from calibration).
 
-With a KV-cache scheme (W8A8KV8) keys and values are fake-quantized inside attention,
-asymmetric per head in groups over the head dimension (:mod:`qcore.quant.kvcache`).
+With a KV-cache scheme keys and values are fake-quantized inside attention, after RoPE
+(:mod:`qcore.quant.kvcache`): W8A8KV8 dynamically, asymmetric per head in groups over the
+head dimension; W8A8C8 / W8A8C8-TENSOR with static symmetric scales (per KV channel /
+per tensor), calibrated after the layer's linears are quantized from one pass of the
+quantized layer over the calibration windows (the keys and values the deployed model
+caches).
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ from qcore.interfaces import LayerNameList, Quantizer, WeightSolver
 from qcore.models.adapter import ArchitectureAdapter, LinearGroup
 from qcore.pipeline import AbsmaxObserver, LayerContext
 from qcore.quant.folding import fold_scale
-from qcore.quant.kvcache import KVCacheSpec, enable_kv_quantization
+from qcore.quant.kvcache import (
+    KVCacheQuantizer,
+    KVCacheSpec,
+    enable_kv_quantization,
+    kv_calibration,
+    spec_for,
+    use_kv_attention,
+)
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs, QuantScheme
 
@@ -131,15 +142,14 @@ def smooth_layer(ctx: LayerContext, alpha: float, smooth_linears: bool,
 
 
 def activation_args(scheme: QuantScheme, mode: str) -> QuantArgs | None:
-    """The scheme's activation bits/symmetry in the configured mode."""
+    """The scheme's activation quantizer (bits, symmetry, clip, scale convention) in the
+    configured mode: per token at run time, or per tensor from calibration."""
     act = scheme.activations
     if act is None:
         return None
-    if mode == "dynamic":
-        return QuantArgs(bits=act.bits, symmetric=act.symmetric, granularity="token",
-                         dynamic=True, clip_ratio=act.clip_ratio)
-    return QuantArgs(bits=act.bits, symmetric=act.symmetric, granularity="tensor",
-                     dynamic=False, clip_ratio=act.clip_ratio)
+    mode_fields = {"granularity": "token", "dynamic": True} if mode == "dynamic" else \
+        {"granularity": "tensor", "dynamic": False}
+    return QuantArgs.model_validate({**act.model_dump(), **mode_fields})
 
 
 @torch.no_grad()
@@ -196,8 +206,10 @@ class SmoothQuantQuantizer(Quantizer):
             raise RuntimeError("smoothquant: bind(plugins) resolves the weight solver before "
                                "the run (qcore.api.build_quantizer does)")
         kv = self.scheme.kv_cache
-        if kv is not None:
+        if kv is not None and kv.dynamic:
             enable_kv_quantization(model, KVCacheSpec(keys=kv, values=kv))
+        elif kv is not None:  # static: each layer gets its quantizer when it is calibrated
+            use_kv_attention(model)
 
     def float_pass_hooks(self, ctx: LayerContext) -> dict[str, Any]:
         """The activation maxima come from the pipeline's pass of the float layer."""
@@ -218,4 +230,23 @@ class SmoothQuantQuantizer(Quantizer):
             activations=activation_args(self.scheme, self.config.activation_mode)))
         if self.config.activation_mode == "static":
             stats.update(calibrate_static_inputs(ctx, ctx.adapter.linear_names()))
+        kv = self.scheme.kv_cache
+        if kv is not None and not kv.dynamic:
+            stats.update(calibrate_static_kv(ctx, kv))
         return stats
+
+
+def calibrate_static_kv(ctx: LayerContext, kv: QuantArgs) -> dict[str, Any]:
+    """Attach a static KV-cache quantizer to the layer's attention and set its scales
+    from one pass of the (quantized) layer over the calibration windows; the largest
+    key and value scale for the report."""
+    name = ctx.adapter.roles().attention
+    info = ctx.adapter.attention_info()
+    attn = ctx.submodule(name)
+    quantizer = KVCacheQuantizer(spec_for(kv, kv, info.num_kv_heads, info.head_dim)
+                                 ).to(ctx.device)
+    attn.qcore_kv = quantizer
+    with kv_calibration([quantizer]):
+        ctx.forward({}, keep_outputs=False)
+    return {f"{name}.{role}_scale_max": float(getattr(quantizer, f"{role}_scale").max())
+            for role in ("key", "value")}

@@ -7,7 +7,8 @@ from qcore.schemes import PRESETS, QuantArgs, QuantScheme, get_scheme
 
 
 def test_presets_have_literature_names_and_shapes():
-    assert set(PRESETS) == {"W4A16", "W3A16", "W8A16", "W8A8", "W4A4", "W8A8KV8", "W4A4KV4"}
+    assert set(PRESETS) == {"W4A16", "W3A16", "W8A16", "W8A8", "W4A4", "W8A8KV8", "W4A4KV4",
+                            "W8A8C8", "W8A8C8-TENSOR"}
     w4 = PRESETS["W4A16"]
     assert (w4.weights.bits, w4.weights.symmetric, w4.weights.group_size) == (4, False, 128)
     assert w4.activations is None and w4.kv_cache is None
@@ -15,6 +16,10 @@ def test_presets_have_literature_names_and_shapes():
     assert w8a8.activations.granularity == "token" and w8a8.activations.dynamic
     assert PRESETS["W4A4KV4"].kv_cache.bits == 4
     assert PRESETS["W8A8KV8"].kv_cache.group_size == 128
+    c8, c8t = PRESETS["W8A8C8"].kv_cache, PRESETS["W8A8C8-TENSOR"].kv_cache
+    assert (c8.granularity, c8.symmetric, c8.dynamic, c8.symmetric_range) == (
+        "channel", True, False, "signed")  # msModelSlim's C8: max |x| / 127 per channel
+    assert (c8t.granularity, c8t.dynamic, c8t.symmetric_range) == ("tensor", False, "full")
 
 
 def test_group_size_override_and_case_insensitive_lookup():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qcore import api
 from qcore.config import CalibrationConfig, RunConfig
-from qcore.errors import ConfigError
+from qcore.errors import ConfigError, SavedModelError
 from qcore.interfaces import DataSpec
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs, QuantScheme
@@ -141,8 +141,9 @@ def test_static_w8a8_reads_back_within_a_float32_rounding(tiny_folder, tmp_path)
 
 def test_what_ascendv1_cannot_hold_is_refused(tiny_folder, tmp_path):
     symmetric = "W4A4_FLATQUANT_DYNAMIC quantizes activations per token symmetrically.*ascend=true"
+    dynamic_kv = "C8 stores static KV scales.*W8A8C8"
     for method, scheme, fragment in (("flatquant", "W4A4", symmetric),
-                                     ("smoothquant", "W8A8KV8", "C8 stores static KV scales")):
+                                     ("smoothquant", "W8A8KV8", dynamic_kv)):
         with pytest.raises(ConfigError, match=fragment):
             _quantize(tiny_folder, method, scheme, save=tmp_path / "x", fmt="ascendv1")
     _quantize(tiny_folder, "rtn", "W4A4", save=tmp_path / "w4a4")
@@ -243,3 +244,54 @@ def test_fused_linears_with_different_transforms_are_refused(tiny_folder, tmp_pa
                                          r"or activation clip ratio differs.*q_proj/k_proj/v_proj"):
         api.save_model(result.model, None, tmp_path / "asc", {}, format="ascendv1")
     assert not (tmp_path / "asc").exists()
+
+
+@pytest.mark.parametrize("scheme", ["W8A8C8", "W8A8C8-TENSOR"])
+def test_static_kv_cache_exports_as_c8(tiny_folder, tmp_path, scheme):
+    """C8: k_proj/v_proj.kv_cache_scale float32 [kv_heads * head_dim] (head-major) with zero
+    offsets, kv_cache_type / kv_quant_type "C8"; read back, qcore's outputs are unchanged
+    (a per-tensor scale is written per channel: the same value in every channel)."""
+    from qcore.quant.kvcache import kv_quantizers
+
+    result = _quantize(tiny_folder, "smoothquant", scheme, save=tmp_path / "asc",
+                       fmt="ascendv1")
+    tensors, description = _read(tmp_path / "asc")
+    assert description["kv_cache_type"] == description["kv_quant_type"] == "C8"
+    assert description["model_quant_type"] == "W8A8_DYNAMIC"
+    config = result.model.config
+    width = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    quantizers = kv_quantizers(result.model)
+    assert len(quantizers) == 2
+    for name, q in quantizers.items():
+        for role, linear in (("key", "k_proj"), ("value", "v_proj")):
+            scale = tensors[f"{name}.{linear}.kv_cache_scale"]
+            offset = tensors[f"{name}.{linear}.kv_cache_offset"]
+            assert scale.dtype == offset.dtype == torch.float32
+            assert scale.shape == offset.shape == (width,)
+            assert not offset.any()
+            mine = getattr(q, f"{role}_scale")
+            assert torch.equal(scale, mine.reshape(-1).expand(width))
+            assert description[f"{name}.{linear}.kv_cache_scale"] == "C8"
+    assert not [k for k in tensors if "qcore_kv" in k]
+
+    model, _, meta = api.load_model(str(tmp_path / "asc"))
+    assert meta["description"]["kv_cache_type"] == "C8"
+    back = kv_quantizers(model)
+    assert back.keys() == quantizers.keys()
+    ids = torch.arange(2, 34).reshape(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    if scheme == "W8A8C8":
+        for name, q in quantizers.items():
+            assert back[name].spec == q.spec
+
+    # a nonzero offset (vllm-ascend would ignore it) is named
+    from safetensors.torch import save_file
+
+    shard = tmp_path / "asc" / "quant_model_weights-00001-of-00001.safetensors"
+    stored = load_file(str(shard))
+    key = "model.layers.1.self_attn.v_proj.kv_cache_offset"
+    stored[key] = torch.full_like(stored[key], 0.5)
+    save_file(stored, str(shard), metadata={"format": "pt"})
+    with pytest.raises(SavedModelError, match=f"{key}: nonzero"):
+        api.load_model(str(tmp_path / "asc"))

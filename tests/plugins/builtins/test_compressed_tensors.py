@@ -245,3 +245,103 @@ def test_transformers_runs_a_full_range_w8a8_export_as_qcore_does(tiny_folder, t
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits,
                                    result.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _static_kv_scheme():
+    """W8A8 with full-range activations (compressed-tensors' own fake quantization) and
+    static per-tensor int8 KV scales."""
+    from qcore.schemes import get_scheme
+
+    return _full_range_w8a8().model_copy(
+        update={"name": "W8A8C8-TENSOR", "kv_cache": get_scheme("W8A8C8-TENSOR").kv_cache})
+
+
+def test_static_kv_scales_export_as_kv_cache_scheme(tiny_folder, tmp_path, one_thread):
+    """W8A8C8-TENSOR: kv_cache_scheme as compressed-tensors writes it, k_scale/v_scale per
+    attention module; transformers (compressed-tensors' hooked KV cache) runs the export
+    as qcore runs its model; qcore reads it back bit for bit."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qcore.quant.kvcache import kv_quantizers
+
+    result = _quantize(tiny_folder, _static_kv_scheme(), method="smoothquant",
+                       save=tmp_path / "ct", fmt="compressed-tensors")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    theirs_dir = tmp_path / "theirs"
+    theirs_dir.mkdir()
+    (theirs_dir / "config.json").write_text("{}")
+    kv = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor",
+                          dynamic=False)
+    ct_config = QuantizationConfig.model_validate({**config, "kv_cache_scheme": kv})
+    ModelCompressor(quantization_config=ct_config).update_config(str(theirs_dir))
+    theirs = json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"] == theirs["kv_cache_scheme"]
+
+    stored = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    quantizers = kv_quantizers(result.model)
+    assert len(quantizers) == 2
+    for name, q in quantizers.items():
+        assert torch.equal(stored[f"{name}.k_scale"], q.key_scale.reshape(1))
+        assert torch.equal(stored[f"{name}.v_scale"], q.value_scale.reshape(1))
+    assert not [k for k in stored if "qcore_kv" in k]
+
+    # compressed-tensors' own fake quantization, with the exported kv_cache_scheme and
+    # k_scale / v_scale, of the post-RoPE keys and values qcore's attention caches, gives
+    # qcore's quantized keys and values bit for bit
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    ids = torch.arange(2, 34).reshape(2, 16)
+    args = QuantizationArgs.model_validate(config["kv_cache_scheme"])
+    for name, q in quantizers.items():
+        seen = []
+        hook = q.register_forward_hook(lambda m, a, o, seen=seen: seen.append((a, o)))
+        with torch.no_grad():
+            result.model(input_ids=ids)
+        hook.remove()
+        (_, key, value), (_, kq, vq) = seen[0]
+        for x, xq, role in ((key, kq, "k"), (value, vq, "v")):
+            scale = stored[f"{name}.{role}_scale"]
+            theirs = fake_quantize(x, scale, torch.zeros_like(scale, dtype=torch.int8), args)
+            assert torch.equal(theirs, xq), (name, role)
+            assert not torch.equal(xq, x)
+    # transformers 5.24 renamed attention's past_key_values argument, which compressed-
+    # tensors 0.20 looks for to hook the KV cache: it loads k_scale/v_scale as unexpected
+    # keys and runs a float cache; the rest of the export gives qcore's model without KV
+    # quantization
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    with torch.no_grad():
+        ours = result.model(input_ids=ids).logits
+        for q in quantizers.values():
+            q.enabled = False
+        torch.testing.assert_close(hf(input_ids=ids).logits, result.model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+        for q in quantizers.values():
+            q.enabled = True
+
+    back, _, _ = api.load_model(str(tmp_path / "ct"))
+    again = kv_quantizers(back)
+    for name, q in quantizers.items():
+        assert again[name].spec == q.spec
+        assert torch.equal(again[name].key_scale, q.key_scale)
+        assert torch.equal(again[name].value_scale, q.value_scale)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, ours)
+
+
+def test_per_channel_kv_scales_are_refused_by_compressed_tensors(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="static KV scales per channel.*W8A8C8-TENSOR"):
+        _quantize(tiny_folder, "W8A8C8", method="smoothquant", save=tmp_path / "ct",
+                  fmt="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+    # an asymmetric or per-token kv_cache_scheme in a checkpoint is named
+    _quantize(tiny_folder, _static_kv_scheme(), method="smoothquant", save=tmp_path / "ok",
+              fmt="compressed-tensors")
+    file = tmp_path / "ok" / "config.json"
+    config = json.loads(file.read_text())
+    config["quantization_config"]["kv_cache_scheme"]["symmetric"] = False
+    file.write_text(json.dumps(config))
+    with pytest.raises(SavedModelError, match="kv_cache_scheme int8 asym tensor"):
+        api.load_model(str(tmp_path / "ok"))

@@ -172,3 +172,31 @@ def test_the_digest_read_in_chunks_is_the_sha256_of_the_whole_tensor(monkeypatch
     chunks = []
     assert qcore_writer.tensor_digest(t, after_chunk=chunks.append) == whole
     assert len(chunks) == 15 and sum(c.numel() for c in chunks) == 14000
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_static_kv_scales_round_trip(tiny_folder, tiny_tokenizer, plugins, tmp_path, stream):
+    """W8A8C8's calibrated KV scales are saved with the model (streamed layer by layer or
+    whole) and reloaded bit for bit; qcore.json records the spec with its scale shape."""
+    from transformers import AutoModelForCausalLM
+
+    from qcore.quant.kvcache import kv_quantizers
+
+    cfg = RunConfig(model=str(tiny_folder / "tiny"), method="smoothquant", scheme="W8A8C8",
+                    calibration=CalibrationConfig(data=DataSpec(source=str(
+                        tiny_folder / "calib.txt")), samples=2, seq_len=16, batch_size=1),
+                    save=str(tmp_path / "q"))
+    model = None if stream else AutoModelForCausalLM.from_pretrained(tiny_folder / "tiny")
+    result = api.quantize(cfg, model=model, tokenizer=None if stream else tiny_tokenizer,
+                          plugins=plugins, progress=False)
+    ids = torch.arange(2, 34).reshape(2, 16)
+    back, _, meta = api.load_model(str(tmp_path / "q"), plugins)
+    assert set(meta["kv_cache"]) == {f"model.layers.{i}.self_attn" for i in range(2)}
+    assert meta["kv_cache"]["model.layers.0.self_attn"]["scale_shape"] == [2, 16]
+    saved, loaded = kv_quantizers(result.model), kv_quantizers(back)
+    for name, q in saved.items():
+        assert not torch.isnan(q.key_scale).any()
+        assert torch.equal(loaded[name].key_scale, q.key_scale)
+        assert torch.equal(loaded[name].value_scale, q.value_scale)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, result.model(ids).logits)

@@ -302,3 +302,84 @@ def test_statistics_from_the_pipelines_float_pass(tiny_model, plugins, calib_ids
     assert ours.keys() == theirs.keys() and ours
     for name in ours:
         assert torch.equal(ours[name].dequantize(), theirs[name].dequantize()), name
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["W8A8C8", "W8A8C8-TENSOR"])
+def test_static_kv_scales_are_the_post_rope_maxima(tiny_model, plugins, calib_ids, scheme):
+    """W8A8C8: each layer's static scales are max |k|, max |v| (post-RoPE, of the quantized
+    layer over the calibration windows) / 127 per KV channel; -TENSOR: one scale per tensor,
+    / 127.5. With the scales the cache is fake-quantized with them, nothing else."""
+    from qcore.quant.kvcache import kv_calibration
+
+    _run(tiny_model, plugins, calib_ids, scheme=scheme)
+    kvs = [m.qcore_kv for m in tiny_model.model.layers.modules()
+           if isinstance(getattr(m, "qcore_kv", None), KVCacheQuantizer)]
+    assert len(kvs) == 2
+    config = tiny_model.config
+    heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_channel = scheme == "W8A8C8"
+    for kv in kvs:
+        assert kv.spec.scale_shape == ([heads, head_dim] if per_channel else [1])
+        assert kv.key_scale.shape == tuple(kv.spec.scale_shape)
+    # the same maxima, observed by running the finished model's calibration windows again
+    # (the first layer's inputs are the embeddings, as in the pipeline; later layers were
+    # calibrated on the float model's hidden states: propagation "full")
+    kv = kvs[0]
+    saved = kv.key_scale.clone(), kv.value_scale.clone()
+    seen = []
+    original = kv.forward
+    kv.forward = lambda q, k, v: (seen.append((k, v)), original(q, k, v))[1]
+    with kv_calibration([kv]):
+        tiny_model(calib_ids)
+    keys, values = torch.cat([k for k, _ in seen]), torch.cat([v for _, v in seen])
+    for x, scale in ((keys, kv.key_scale), (values, kv.value_scale)):
+        absmax = x.abs().amax(dim=(0, 2)) if per_channel else x.abs().amax().reshape(1)
+        expected = absmax.clamp(min=1e-5) / (127 if per_channel else 127.5)
+        torch.testing.assert_close(scale, expected.reshape(scale.shape), rtol=1e-6, atol=0)
+    # and they are what the pipeline set
+    torch.testing.assert_close(kv.key_scale, saved[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(kv.value_scale, saved[1], rtol=1e-5, atol=0)
+    kv.forward = original
+    # quantized with the fixed scales: codes in [-128, 127] times the scale
+    seen.clear()
+    ids = _test_ids()
+    captured = []
+    hook = kv.register_forward_hook(lambda m, a, o: captured.append(o))
+    tiny_model(ids)
+    hook.remove()
+    _, kq, vq = captured[0]
+    s = kv.key_scale if not per_channel else kv.key_scale[:, None, :]
+    codes = kq.float() / s
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert codes.round().min() >= -128 and codes.round().max() <= 127
+
+
+def test_static_kv_refused_by_flatquant_and_bad_static_schemes(plugins):
+    from qcore.interfaces import UnsupportedScheme
+    from qcore.schemes import QuantScheme
+
+    with pytest.raises((ConfigError, UnsupportedScheme), match="static KV"):
+        build_quantizer("flatquant", get_scheme("W8A8C8"), {}, plugins)
+    base = get_scheme("W8A8").model_dump()
+    with pytest.raises(ValueError, match="must be symmetric"):
+        QuantScheme.model_validate({**base, "kv_cache": {"bits": 8, "symmetric": False,
+                                                         "granularity": "channel"}})
+    with pytest.raises(ValueError, match="'tensor' or 'channel'"):
+        QuantScheme.model_validate({**base, "kv_cache": {"bits": 8, "granularity": "group",
+                                                         "group_size": 64}})
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_activation_quantizer_keeps_the_schemes_conventions(mode):
+    """The mode sets granularity and dynamic; the scheme's scale convention, clip and
+    symmetry stay (a full-range scheme was once quantized with the signed convention)."""
+    from qcore_smoothquant.quantizer import activation_args
+
+    scheme = get_scheme("W8A8")
+    act = scheme.activations.model_copy(update={"symmetric_range": "full", "clip_ratio": 0.9})
+    args = activation_args(scheme.model_copy(update={"activations": act}), mode)
+    assert (args.symmetric_range, args.clip_ratio, args.symmetric) == ("full", 0.9, True)
+    assert (args.granularity, args.dynamic) == (("token", True) if mode == "dynamic"
+                                                else ("tensor", False))
