@@ -22,6 +22,7 @@ calibrates them by running the layer inside :func:`kv_calibration`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -204,7 +205,9 @@ def attach_static_kv(model: nn.Module, args: QuantArgs,
         quantizer = KVCacheQuantizer(spec_for(args, args, heads, head_dim))
         quantizer.key_scale.copy_(key.float().reshape(quantizer.key_scale.shape))
         quantizer.value_scale.copy_(value.float().reshape(quantizer.value_scale.shape))
-        attn.qcore_kv = quantizer.to(next(attn.parameters()).device)
+        # a bias-free attention of QuantLinears holds buffers only
+        device = next(itertools.chain(attn.parameters(), attn.buffers())).device
+        attn.qcore_kv = quantizer.to(device)
     use_kv_attention(model)
 
 

@@ -246,12 +246,18 @@ def test_fused_linears_with_different_transforms_are_refused(tiny_folder, tmp_pa
     assert not (tmp_path / "asc").exists()
 
 
-@pytest.mark.parametrize("scheme", ["W8A8C8", "W8A8C8-TENSOR"])
-def test_static_kv_cache_exports_as_c8(tiny_folder, tmp_path, scheme):
+@pytest.mark.parametrize("scheme,kind", [("W8A8C8", "qwen2"), ("W8A8C8-TENSOR", "llama")])
+def test_static_kv_cache_exports_as_c8(tiny_folder, tmp_path, scheme, kind):
     """C8: k_proj/v_proj.kv_cache_scale float32 [kv_heads * head_dim] (head-major) with zero
     offsets, kv_cache_type / kv_quant_type "C8"; read back, qcore's outputs are unchanged
-    (a per-tensor scale is written per channel: the same value in every channel)."""
+    (a per-tensor scale is written per channel: the same value in every channel). Llama:
+    an attention without biases, whose read-back QuantLinears hold buffers only."""
+    from conftest import make_tiny_model
+
     from qcore.quant.kvcache import kv_quantizers
+
+    if kind == "llama":
+        make_tiny_model("llama").save_pretrained(tiny_folder / "tiny")
 
     result = _quantize(tiny_folder, "smoothquant", scheme, save=tmp_path / "asc",
                        fmt="ascendv1")
