@@ -97,6 +97,8 @@ class KVCacheQuantizer(nn.Module):
         self.enabled = True
         self.calibrating = False
         self._absmax: dict[str, torch.Tensor] = {}
+        #: the static scales were found calibrated (checked on first use, after a load)
+        self._scales_checked = False
         if spec.static:
             if spec.scale_shape is None:
                 raise ValueError("a static KV-cache spec needs scale_shape")
@@ -127,6 +129,7 @@ class KVCacheQuantizer(nn.Module):
             getattr(self, f"{role}_scale").copy_(scale.reshape(self.spec.scale_shape))
             out[role] = scale
         self._absmax = {}
+        self._scales_checked = True
         return out
 
     def _quantize(self, role: str, x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
@@ -134,11 +137,16 @@ class KVCacheQuantizer(nn.Module):
             return x
         if args.dynamic:
             return fake_quantize_heads(x, args)
-        scale = getattr(self, f"{role}_scale")
-        if torch.isnan(scale).any():
-            raise RuntimeError(f"static KV-cache {role} scales were never calibrated "
-                               "(calibrate inside qcore.quant.kvcache.kv_calibration)")
-        return fake_quantize_static(x, args, scale)
+        if not self._scales_checked:  # once: the check syncs with the device
+            self._check_calibrated()
+        return fake_quantize_static(x, args, getattr(self, f"{role}_scale"))
+
+    def _check_calibrated(self) -> None:
+        for role in ("key", "value"):
+            if torch.isnan(getattr(self, f"{role}_scale")).any():
+                raise RuntimeError(f"static KV-cache {role} scales were never calibrated "
+                                   "(calibrate inside qcore.quant.kvcache.kv_calibration)")
+        self._scales_checked = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -266,9 +266,9 @@ def export_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             types[tname] = FLOAT if tname.endswith(".bias") else kinds[name]
     for name, q in kv.items():
         for role, linear in KV_LINEARS.items():
-            scale = getattr(q, f"{role}_scale").detach().float().cpu()
-            scale = scale.expand(q.spec.scale_shape if scale.numel() > 1 else
-                                 kv_layout(model.config)).reshape(-1).contiguous()
+            # [heads, head_dim] as it is, or one per-tensor value in every channel
+            scale = getattr(q, f"{role}_scale").detach().float().cpu().expand(
+                kv_layout(model.config)).reshape(-1).contiguous()
             tensors[f"{name}.{linear}.kv_cache_scale"] = scale
             tensors[f"{name}.{linear}.kv_cache_offset"] = torch.zeros_like(scale)
             types[f"{name}.{linear}.kv_cache_scale"] = C8
