@@ -14,7 +14,8 @@ Data: /work/shared/data/wiki_en.txt split at the first article title past the mi
 (qcore.data.select_part); the head gives N consecutive 512-token calibration windows, the
 tail (tokenized at once) the first 16 evaluation windows. The parent writes both as token-id
 tensors, so the peer never imports qcore. Perplexity is computed by the same function for
-every row.
+every row. ``s/step`` is FlatQuant's mean training step (forward, backward, AdamW; the
+loss evaluations before and after training excluded).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     model, report, seconds = quantize_with_qcore(
         a.model, a.calib, a.method, get_scheme(a.scheme), json.loads(a.options), a.threads)
     layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
-               **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds")
+               **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds",
+                                          "steps", "step_seconds")
                   if k in r.stats}} for r in report.layers]
     return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "layers": layers}
 
@@ -164,14 +166,17 @@ def main() -> None:
           f"{a.threads} threads")
     fp = next((r["ppl"] for n, r in rows if n == "qcore fp32" and "ppl" in r), None)
     print(f"{'method':<30} {'ppl':>9} {'vs fp':>7} {'quant s':>9} {'process s':>10} "
-          f"{'peak RSS MB':>12}")
+          f"{'peak RSS MB':>12} {'s/step':>7}")
     for name, r in rows:
         if "error" in r:
             print(f"{name:<30} failed: {r['error']}")
             continue
         rel = f"{r['ppl'] / fp:>6.3f}x" if fp else ""
+        steps = sum(layer.get("steps", 0) for layer in r.get("layers", []))
+        step = sum(layer["step_seconds"] * layer["steps"] for layer in r["layers"]
+                   if layer.get("steps")) / steps if steps else None
         print(f"{name:<30} {r['ppl']:>9.2f} {rel:>7} {r['seconds']:>9.1f} {r['wall']:>10.1f} "
-              f"{r.get('rss_mb', 0):>12.0f}")
+              f"{r.get('rss_mb', 0):>12.0f} {f'{step:.3f}' if step else '-':>7}")
     for name, r in rows:
         if name.startswith("qcore flatquant") and "layers" in r:
             print(f"\n{name}: per-layer training loss (MSE of the fake-quantized layer)")

@@ -19,8 +19,10 @@ transforms stay online as each QuantLinear's ``input_transform``.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -50,6 +52,8 @@ from qcore_flatquant.transforms import (
     kron_matmul,
     random_orthogonal,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _diverged(layer: str, epoch: int, step: int, loss: float, lr: float, start: float
@@ -103,6 +107,11 @@ class FlatQuantConfig(BaseModel):
         "symmetric, scaled by sigmoid(clip) x max|x| / 7 with one learned clip ratio per "
         "fused input (q/k/v share one, gate/up one), and no head/value transform for "
         "o_proj (its transform is the identity)")
+    fuse: bool | None = Field(
+        default=None, description="fuse the training step's fake quantizers and weight "
+        "clipping with torch.compile (inductor; a C++ compiler on CPU): the same maths in a "
+        "few kernels instead of dozens of elementwise passes. None: on where the layer "
+        "trains on the CPU, off elsewhere (eager PyTorch)")
     weight_method: str = Field(
         default="rtn", description="registered weight solver that rounds the folded weights: "
         "'rtn' (round-to-nearest), 'gptq' (Hessians of the transformed, clipped, quantized "
@@ -129,6 +138,28 @@ def fake_quant_tokens_ste(x: torch.Tensor, args: QuantArgs, clip_min: torch.Tens
         a = torch.maximum(-xmin, xmax)
         x = torch.maximum(torch.minimum(x, a), -a)
     return fake_quantize_minmax(x, xmin, xmax, args.bits, args.symmetric, ste=True)
+
+
+def clip_rows(w: torch.Tensor, max_logit: torch.Tensor, min_logit: torch.Tensor
+              ) -> torch.Tensor:
+    """Learnable weight clipping: each row clamped to ``[sigmoid(min_logit) * min(row),
+    sigmoid(max_logit) * max(row)]``."""
+    wmax = w.amax(dim=1, keepdim=True) * torch.sigmoid(max_logit).to(w.dtype)
+    wmin = w.amin(dim=1, keepdim=True) * torch.sigmoid(min_logit).to(w.dtype)
+    return torch.maximum(torch.minimum(w, wmax), wmin)
+
+
+@functools.cache
+def fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled by torch.compile (once per process; shapes are specialised, a new
+    shape compiles once more). The elementwise chains of the fake quantizers (range, scale,
+    round with its straight-through gradient, clamp) become one fused loop each way."""
+    return torch.compile(fn, dynamic=False)
+
+
+#: set when torch.compile failed under the default ``fuse`` (e.g. no C++ compiler): the rest
+#: of the process trains eagerly instead of failing again on every layer
+_COMPILE_FAILED: list[str] = []
 
 
 # ----------------------------------------------------------------------------- learnables
@@ -208,6 +239,29 @@ class LayerTransforms(nn.Module):
             self.aclip_min[_key(name)] = nn.Parameter(torch.full((), config.clip_init))
         self.role = {name: role for role, name in names.items()}
         self._mats: dict[str, Any] | None = None
+        self._inputs = {}
+        self.fuse = bool(config.fuse)  # build_transforms resolves None for the device
+
+    def call(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``fn(*args, **kwargs)``, fused by torch.compile when ``fuse`` is on. Under the
+        default (``fuse`` unset) a compiler failure falls back to eager PyTorch with one
+        warning; asked for explicitly (``fuse=true``), it raises."""
+        if not self.fuse:
+            return fn(*args, **kwargs)
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import InductorError
+
+        try:
+            return fused(fn)(*args, **kwargs)
+        except (TorchDynamoException, InductorError) as err:
+            if self.config.fuse:
+                raise
+            _COMPILE_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            log.warning("flatquant: torch.compile failed (%s); training with eager PyTorch "
+                        "from here on (set fuse=false to skip the attempt)",
+                        _COMPILE_FAILED[0])
+            self.fuse = False
+            return fn(*args, **kwargs)
 
     # --------------------------------------------------------------- parameter groups
     def transform_parameters(self) -> list[nn.Parameter]:
@@ -250,6 +304,18 @@ class LayerTransforms(nn.Module):
 
     def clear_cache(self, *_: Any) -> None:
         self._mats = None
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def shared_input(self, role: str, x: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
+        """:meth:`transform_input` of ``x`` in float32, computed once for the linears that
+        read the same tensor (q/k/v, gate/up) during one layer forward."""
+        group = "o" if role == "o" else self._group(role)
+        hit = self._inputs.get(group)
+        if hit is not None and hit[0] is x:  # the same tensor object, kept alive by the entry
+            return hit[1]
+        out = self.transform_input(role, x.float(), m)
+        self._inputs[group] = (x, out)
+        return out
 
     def mats(self, dtype: torch.dtype) -> dict[str, Any]:
         m: dict[str, Any] = {"ln": self.ln.mats(dtype), "up": self.up.mats(dtype),
@@ -288,9 +354,7 @@ class LayerTransforms(nn.Module):
             w = kron_matmul(w, g["Li"], g["Ri"])
         if clip and self.config.lwc:
             k = _key(name)
-            wmax = w.amax(dim=1, keepdim=True) * torch.sigmoid(self.wclip_max[k]).to(w.dtype)
-            wmin = w.amin(dim=1, keepdim=True) * torch.sigmoid(self.wclip_min[k]).to(w.dtype)
-            w = torch.maximum(torch.minimum(w, wmax), wmin)
+            w = self.call(clip_rows, w, self.wclip_max[k], self.wclip_min[k])
         if role == "v" and self.v is not None:
             hd = self.head_dim
             w = torch.matmul(m["v"].t(), w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
@@ -336,17 +400,18 @@ class _TrainLinear(nn.Module):
         owner: LayerTransforms = self.owner  # type: ignore[assignment]
         m = owner.cached_mats()
         dtype = x.dtype
-        x = owner.transform_input(self.role, x.float(), m)
+        x = owner.shared_input(self.role, x, m)
         w = self.linear.weight.detach().float()
         b = None if self.linear.bias is None else self.linear.bias.detach().float()
         quant = self.scheme is not None
         w, b = owner.transform_weight(self.role, self.name, w, b, m, clip=quant)
         if quant:
-            w = fake_quantize_weight(w, self.scheme.weights, ste=True)
+            w = owner.call(fake_quantize_weight, w, self.scheme.weights, ste=True)
             act = self.scheme.activations
             if act is not None:
                 cmin, cmax = owner.act_clip(self.name)
-                x = fake_quant_tokens_ste(x, act, cmin, cmax, clamp=not owner.config.ascend)
+                x = owner.call(fake_quant_tokens_ste, x, act, cmin, cmax,
+                               clamp=not owner.config.ascend)
         return F.linear(x, w, b).to(dtype)
 
 
@@ -563,6 +628,8 @@ class FlatQuantQuantizer(Quantizer):
         owner = LayerTransforms(ctx.layer, roles, info.num_heads, info.head_dim,
                                 info.num_kv_heads, self.config, with_key, gen)
         owner.to(ctx.device)
+        owner.fuse = self.config.fuse if self.config.fuse is not None else \
+            ctx.device.type == "cpu" and not _COMPILE_FAILED
         if self.config.add_diag:
             absmax = ctx.input_absmax([roles["q"], roles["gate"], roles["down"]])
             owner.init_diag(ctx.layer, absmax)
@@ -617,6 +684,7 @@ class FlatQuantQuantizer(Quantizer):
         t0 = time.perf_counter()
         with training_layer(ctx.layer, owner, attn, self.scheme):
             loss_start, rel_start = evaluate()
+            t_steps = time.perf_counter()
             if groups and cfg.epochs > 0:
                 opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
                 total = cfg.epochs * steps_per_epoch
@@ -640,6 +708,7 @@ class FlatQuantQuantizer(Quantizer):
                             opt.step()
                             sched.step()
                         epoch_losses.append(acc / steps_per_epoch)
+            t_steps = time.perf_counter() - t_steps
             loss_end, rel_end = evaluate()
         for p in owner.parameters():
             p.requires_grad_(False)
@@ -647,7 +716,8 @@ class FlatQuantQuantizer(Quantizer):
                 "loss_ratio": loss_end / max(loss_start, 1e-30),
                 "train_relative_mse_start": rel_start, "train_relative_mse_end": rel_end,
                 "epoch_losses": epoch_losses, "train_seconds": time.perf_counter() - t0,
-                "steps": cfg.epochs * steps_per_epoch if groups else 0}
+                "steps": (steps := cfg.epochs * steps_per_epoch if groups else 0),
+                "step_seconds": t_steps / steps if steps else 0.0}
 
     def install(self, ctx: LayerContext, owner: LayerTransforms) -> dict[str, Any]:
         """Fold, round the weights with the weight solver and attach the online transforms.

@@ -246,3 +246,69 @@ def test_gptq_composition_lowers_error(tiny_llama, calib_ids, plugins):
     assert isinstance(q, QuantLinear) and isinstance(q.input_transform, FlatQuantTransform)
     with pytest.raises(ConfigError, match="weight_method"):
         build_quantizer("flatquant", get_scheme("W4A4"), {"weight_method": "awq"}, plugins)
+
+
+@pytest.mark.parametrize("scheme, options", [("W4A4", {}), ("W4A4", {"ascend": True}),
+                                             ("W4A16", {})])
+def test_fused_training_step_equals_eager(tiny_llama, scheme, options):
+    """torch.compile's fused fake quantizers (fuse=true) compute the eager step: the same
+    fake-quantized logits and the same gradient for every learnable."""
+    register_attention()
+    tiny_llama.set_attn_implementation(ATTN_IMPLEMENTATION)
+    q_scheme = get_scheme(scheme, 32 if scheme.endswith("A16") else None)  # 64 features
+    if options.get("ascend"):
+        q_scheme = q_scheme.model_copy(update={"activations": q_scheme.activations.model_copy(
+            update={"symmetric": True})})
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fuse in (False, True):
+        owners = _random_owners(tiny_llama)
+        for owner in owners:
+            owner.config = owner.config.model_copy(update=options)
+            owner.fuse = fuse
+        with ExitStack() as stack:
+            for layer, owner in zip(tiny_llama.model.layers, owners, strict=True):
+                stack.enter_context(training_layer(layer, owner, A.ATTN, q_scheme))
+            logits = tiny_llama(input_ids=ids, use_cache=False).logits
+            logits.pow(2).mean().backward()
+        grads = [(n, p.grad.clone()) for o in owners for n, p in o.named_parameters()
+                 if p.grad is not None]
+        results.append((logits.detach(), grads))
+    (eager, eager_grads), (fused_logits, fused_grads) = results
+    assert _rel(fused_logits, eager) < 1e-5
+    assert len(fused_grads) == len(eager_grads) > 0
+    for (name, g_fused), (_, g_eager) in zip(fused_grads, eager_grads, strict=True):
+        # absolute floor: the key transform's true gradient is 0 without a quantized cache
+        # (P_k and its inverse cancel in q.k); both sides hold rounding noise of ~1e-10
+        err = float((g_fused - g_eager).norm())
+        assert err <= 1e-4 * float(g_eager.norm()) + 1e-8, (name, err, float(g_eager.norm()))
+
+
+def test_a_compiler_failure_falls_back_to_eager_unless_fuse_was_asked(tiny_llama, monkeypatch,
+                                                                      caplog):
+    """Without a working torch.compile (no C++ compiler, say) the default trains eagerly
+    with one warning; fuse=true raises."""
+    from torch._inductor.exc import InductorError
+
+    from qcore_flatquant import quantizer as fq
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise InductorError(RuntimeError("no C++ compiler"), "")
+        return call
+
+    monkeypatch.setattr(fq, "fused", broken)
+    monkeypatch.setattr(fq, "_COMPILE_FAILED", [])
+    x = torch.randn(3, 8)
+    args = QuantArgs(bits=4, symmetric=False, granularity="token")
+    owner = _random_owners(tiny_llama)[0]
+    owner.fuse = True  # what the default resolves to on the CPU
+    eager = fq.fake_quant_tokens_ste(x, args, 1.0, 1.0)
+    assert torch.equal(owner.call(fq.fake_quant_tokens_ste, x, args, 1.0, 1.0), eager)
+    assert not owner.fuse and fq._COMPILE_FAILED
+    assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
+    asked = _random_owners(tiny_llama)[0]
+    asked.config = asked.config.model_copy(update={"fuse": True})
+    asked.fuse = True
+    with pytest.raises(InductorError):
+        asked.call(fq.fake_quant_tokens_ste, x, args, 1.0, 1.0)
