@@ -10,8 +10,8 @@ the wiki head as input (embeddings through the float layers before it, as in the
 pipeline). For each ``fuse`` setting it prints the mean step time (after warm-up steps, so
 torch.compile's one-off compilation is excluded and reported apart) and a torch.profiler
 table of the operators with the most self CPU time: matmuls (``aten::mm``, ``bmm``,
-``addmm``) against everything else tells how far a step is from its matmul floor. Run it
-on a quiet machine.
+``addmm``) against everything else tells how far a step is from its matmul floor; last,
+the rate of the step's largest product in float32 and bfloat16. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -98,6 +98,23 @@ def run_steps(model, index: int, hidden, kwargs, scheme_name: str, fuse: bool, s
                       e.self_cpu_time_total / max(total, 1)) for e in rows]}
 
 
+def matmul_rates(tokens: int, k: int, n: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of one (tokens x k) @ (k x n) product per dtype: whether a lower training
+    precision could help on this CPU."""
+    import torch
+
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        rates[str(dtype).removeprefix("torch.")] = \
+            2 * tokens * k * n * repeats / (time.perf_counter() - t0) / 1e9
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--fuse", choices=["off", "on", "both"], default="both")
@@ -134,6 +151,11 @@ def main() -> None:
         print("| operator | ms/step | calls/step | share |\n|---|---|---|---|")
         for key, ms, count, share in r["rows"]:
             print(f"| `{key}` | {ms:.1f} | {count} | {share:.0%} |")
+    c = model.config
+    rates = matmul_rates(a.batch * a.seq_len, c.hidden_size, c.intermediate_size)
+    print(f"\none {a.batch * a.seq_len} x {c.hidden_size} @ {c.hidden_size} x "
+          f"{c.intermediate_size} product: " + ", ".join(
+              f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in rates.items()))
     if len(results) == 2:
         print(f"\nfused/eager step time: {results[True]['mean'] / results[False]['mean']:.2f}")
 

@@ -245,8 +245,10 @@ class LayerTransforms(nn.Module):
     def call(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``fn(*args, **kwargs)``, fused by torch.compile when ``fuse`` is on. Under the
         default (``fuse`` unset) a compiler failure falls back to eager PyTorch with one
-        warning; asked for explicitly (``fuse=true``), it raises."""
-        if not self.fuse:
+        warning; asked for explicitly (``fuse=true``), it raises. Compiled variants are per
+        shape, dtype and grad mode (8 at most per function: torch's recompile limit), which
+        covers a decoder layer's four weight shapes, trained and evaluated."""
+        if not self.fuse or args[0].dtype == torch.float64:  # float64: the one-off folding
             return fn(*args, **kwargs)
         from torch._dynamo.exc import TorchDynamoException
         from torch._inductor.exc import InductorError
