@@ -61,11 +61,9 @@ def run_steps(model, index: int, hidden, kwargs, scheme_name: str, fuse: bool, s
     owner = LayerTransforms(layer, roles, c.num_attention_heads,
                             c.hidden_size // c.num_attention_heads, c.num_key_value_heads,
                             config, False, torch.Generator().manual_seed(0))
-    owner.fuse = fuse
     for p in layer.parameters():
         p.requires_grad_(False)
-    params = [p for p in owner.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr)
+    opt = torch.optim.AdamW(owner.parameters(), lr=config.lr)
     scheme = get_scheme(scheme_name)
 
     def step() -> None:

@@ -238,8 +238,7 @@ class LayerTransforms(nn.Module):
             self.aclip_max[_key(name)] = nn.Parameter(torch.full((), config.clip_init))
             self.aclip_min[_key(name)] = nn.Parameter(torch.full((), config.clip_init))
         self.role = {name: role for role, name in names.items()}
-        self._mats: dict[str, Any] | None = None
-        self._inputs = {}
+        self.clear_cache()  # no cached matrices or transformed inputs yet
         self.fuse = bool(config.fuse)  # build_transforms resolves None for the device
 
     def call(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -305,7 +304,7 @@ class LayerTransforms(nn.Module):
         return self._mats
 
     def clear_cache(self, *_: Any) -> None:
-        self._mats = None
+        self._mats: dict[str, Any] | None = None
         self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def shared_input(self, role: str, x: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
