@@ -45,6 +45,13 @@ from qcore.quant.kvcache import (
 from qcore.quant.linear import QuantLinear, replace_module
 from qcore.quant.qparams import fake_quantize_minmax, fake_quantize_weight
 from qcore.schemes import QuantArgs, QuantScheme
+from qcore_flatquant.matrices import (
+    fingerprint,
+    identity,
+    load_matrices,
+    matrix_file,
+    save_matrices,
+)
 from qcore_flatquant.transforms import (
     FlatQuantKeyTransform,
     FlatQuantTransform,
@@ -112,6 +119,13 @@ class FlatQuantConfig(BaseModel):
         "clipping with torch.compile (inductor; a C++ compiler on CPU): the same maths in a "
         "few kernels instead of dozens of elementwise passes. None: on where the layer "
         "trains on the CPU, off elsewhere (eager PyTorch)")
+    matrices: str | None = Field(
+        default=None, description="a folder for each decoder layer's trained learnables "
+        "(the reference's --save_matrix/--reload_matrix): a layer's file is written once it "
+        "is trained and loaded instead of training when it is already there, so an "
+        "interrupted calibration resumes at the first missing layer and gives what an "
+        "uninterrupted one gives. A file trained for another model, calibration, scheme or "
+        "training option is refused")
     weight_method: str = Field(
         default="rtn", description="registered weight solver that rounds the folded weights: "
         "'rtn' (round-to-nearest), 'gptq' (Hessians of the transformed, clipped, quantized "
@@ -621,7 +635,9 @@ class FlatQuantQuantizer(Quantizer):
         return {"q": r.q, "k": r.k, "v": r.v, "o": r.o, "gate": r.gate, "up": r.up,
                 "down": r.down}
 
-    def build_transforms(self, ctx: LayerContext) -> LayerTransforms:
+    def build_transforms(self, ctx: LayerContext, init_diag: bool = True) -> LayerTransforms:
+        """The layer's learnables at their init (``init_diag=False``: skip the calibration
+        pass of the per-channel scales' init, for learnables about to be loaded)."""
         info = ctx.adapter.attention_info()
         roles = self._roles(ctx.adapter)
         gen = torch.Generator().manual_seed(self.config.seed + ctx.index)
@@ -631,7 +647,7 @@ class FlatQuantQuantizer(Quantizer):
         owner.to(ctx.device)
         owner.fuse = self.config.fuse if self.config.fuse is not None else \
             ctx.device.type == "cpu" and not _COMPILE_FAILED
-        if self.config.add_diag:
+        if self.config.add_diag and init_diag:
             absmax = ctx.input_absmax([roles["q"], roles["gate"], roles["down"]])
             owner.init_diag(ctx.layer, absmax)
         return owner
@@ -762,13 +778,36 @@ class FlatQuantQuantizer(Quantizer):
             out[name] = act.model_copy(update={"clip_ratio": ratio})
         return out
 
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    def _identity(self, ctx: LayerContext) -> dict[str, Any]:
+        """What this layer's training depends on (checked against a saved matrices file)."""
+        return identity(self.scheme, self.config, ctx.name,
+                        weights=fingerprint(ctx.layer.parameters()),
+                        inputs=fingerprint(ctx.inputs))
+
+    def trained_transforms(self, ctx: LayerContext) -> tuple[LayerTransforms, dict[str, Any]]:
+        """The layer's trained learnables and training statistics: trained now, or loaded
+        from the ``matrices`` folder (and saved there once trained)."""
+        if self.config.matrices is None:
+            owner = self.build_transforms(ctx)
+            return owner, self.train(ctx, owner)
+        path = matrix_file(self.config.matrices, ctx.name)
+        ident = self._identity(ctx)
+        if path.exists():
+            state, stats = load_matrices(path, ident)
+            owner = self.build_transforms(ctx, init_diag=False)
+            owner.load_state_dict(state)
+            ctx.log.info("%s: flatquant matrices loaded from %s", ctx.name, path)
+            return owner, {**stats, "reloaded": True}
         owner = self.build_transforms(ctx)
         stats = self.train(ctx, owner)
+        save_matrices(path, owner.state_dict(), ident, stats)
+        return owner, stats
+
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        owner, stats = self.trained_transforms(ctx)
         stats.update(self.install(ctx, owner))
         stats["seconds_total"] = time.perf_counter() - t0
         ctx.log.info("%s: flatquant loss %.3e -> %.3e in %.1fs", ctx.name, stats["loss_start"],
                      stats["loss_end"], stats["train_seconds"])
         return stats
-

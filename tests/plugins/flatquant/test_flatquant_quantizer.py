@@ -312,3 +312,52 @@ def test_a_compiler_failure_falls_back_to_eager_unless_fuse_was_asked(tiny_llama
     asked.fuse = True
     with pytest.raises(InductorError):
         asked.call(fq.fake_quant_tokens_ste, x, args, 1.0, 1.0)
+
+
+def test_saved_matrices_resume_an_interrupted_run_bit_for_bit(tiny_llama, calib_ids, plugins,
+                                                              tmp_path):
+    """A run with ``matrices`` writes one file per trained layer; a rerun loads them instead
+    of training, so resuming after layer 0 gives the model an uninterrupted run gives."""
+    folder = tmp_path / "matrices"
+    options = {"epochs": 2, "batch_size": 2, "fuse": False}
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(tiny_llama)
+    _run(plain, "W4A4", calib_ids, plugins, **options)
+    first = copy.deepcopy(tiny_llama)
+    r1 = _run(first, "W4A4", calib_ids, plugins, matrices=str(folder), **options)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.layers.0.safetensors",
+                                                        "model.layers.1.safetensors"]
+    assert torch.equal(_logits(first, ids), _logits(plain, ids))  # saving changes nothing
+    (folder / "model.layers.1.safetensors").unlink()  # interrupted while training layer 1
+    resumed = copy.deepcopy(tiny_llama)
+    r2 = _run(resumed, "W4A4", calib_ids, plugins, matrices=str(folder), **options)
+    assert r2[0].stats["reloaded"] is True and "reloaded" not in r2[1].stats
+    assert r2[0].stats["loss_end"] == r1[0].stats["loss_end"]  # the saved statistics
+    assert r2[0].stats["epoch_losses"] == r1[0].stats["epoch_losses"]
+    assert torch.equal(_logits(resumed, ids), _logits(first, ids))
+    assert (folder / "model.layers.1.safetensors").exists()
+
+
+def test_saved_matrices_of_another_run_are_refused_naming_the_difference(
+        tiny_llama, calib_ids, plugins, tmp_path):
+    folder = str(tmp_path / "matrices")
+    base = {"epochs": 1, "batch_size": 4, "fuse": False, "matrices": folder}
+
+    def run(model=tiny_llama, scheme="W4A4", ids=calib_ids, **changes):
+        return _run(copy.deepcopy(model), scheme, ids, plugins, **{**base, **changes})
+
+    run()
+    with pytest.raises(ConfigError, match=r"training\.epochs: saved 1, now 2"):
+        run(epochs=2)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.safetensors .*scheme\."):
+        run(scheme="W8A8")
+    with pytest.raises(ConfigError, match=r"inputs\.sum_abs"):
+        run(ids=(calib_ids + 1) % 512)
+    other = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(ConfigError, match=r"weights\.sum_abs"):
+        run(model=other)
+    # what acts only after training may change: another weight solver reuses the file
+    reports = run(weight_method="gptq")
+    assert all(r.stats["reloaded"] for r in reports)
