@@ -9,6 +9,8 @@ os.wait4 and prints one table and FlatQuant's per-layer training losses:
     python benchmarks/bench_flatquant.py --samples 8 --epochs 2 --skip-peer
     python benchmarks/bench_flatquant.py --samples 32 --epochs 2 --skip-peer \
         --rows fp32,flatquant:W4A4,flatquant:W4A4:ascend=true   # + method options
+    python benchmarks/bench_flatquant.py --skip-peer \
+        --rows fp32,flatquant:W4A4:matrices=DIR    # keep each layer's training; rerun resumes
 
 Data: /work/shared/data/wiki_en.txt split at the first article title past the middle
 (qcore.data.select_part); the head gives N consecutive 512-token calibration windows, the
@@ -53,7 +55,7 @@ def worker_qcore(a: argparse.Namespace) -> dict:
         a.model, a.calib, a.method, get_scheme(a.scheme), json.loads(a.options), a.threads)
     layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
                **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds",
-                                          "steps", "step_seconds")
+                                          "steps", "step_seconds", "reloaded")
                   if k in r.stats}} for r in report.layers]
     return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "layers": layers}
 
@@ -186,7 +188,14 @@ def main() -> None:
                 print(f"{layer['index']:>5} {layer['loss_start']:>10.3e} "
                       f"{layer['loss_end']:>10.3e} "
                       f"{layer['loss_end'] / max(layer['loss_start'], 1e-30):>9.3f} "
-                      f"{layer['relative_mse']:>9.2e} {layer['train_seconds']:>8.1f}")
+                      f"{layer['relative_mse']:>9.2e} {layer['train_seconds']:>8.1f}"
+                      f"{'  (loaded from matrices)' if layer.get('reloaded') else ''}")
+            loaded = [layer for layer in r["layers"] if layer.get("reloaded")]
+            if loaded:
+                total = sum(layer["train_seconds"] for layer in r["layers"])
+                print(f"{len(loaded)} of {len(r['layers'])} layers were trained by an earlier "
+                      f"run and loaded from its matrices (their train s are that run's); "
+                      f"training summed over all layers: {total:.1f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows), indent=1))
 
