@@ -27,7 +27,6 @@ quantization and export.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import quantize_with_qcore, window_perplexity, write_wiki_windows
+import _common as common
 
 MSMS = Path("/work/msmodelslim-venv/bin/msmodelslim")
 PRACTICE = Path("/work/msmodelslim-venv/lib/python3.11/site-packages/msmodelslim/"
@@ -95,12 +94,9 @@ def run_msmodelslim(model: Path, out: Path, quant_type: str, config: Path | None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=4, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p = common.benchmark_parser(__doc__)
+    common.add_wiki_flags(p, samples=4)
+    common.add_threads_flag(p)
     a = p.parse_args()
     if not MSMS.exists():
         raise SystemExit(f"{MSMS} is missing: build msModelSlim's venv (see the docstring)")
@@ -111,7 +107,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from qcore import api
-    from qcore.models.loading import smollm2_folder
+    from qcore.engine.loading import smollm2_folder
     from qcore.schemes import get_scheme
 
     torch.set_num_threads(a.threads)
@@ -121,8 +117,8 @@ def main() -> None:
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
     tok_config["pad_token"] = "<|im_end|>"  # msModelSlim needs one; SmolLM2 has none
     (model / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    files, eval_file = write_wiki_windows(model, a.seq_len, a.eval_windows, [a.samples],
-                                          work)
+    files, eval_file = common.write_wiki_windows(model, a.seq_len, a.eval_windows, [a.samples],
+                                                 work)
     calib = torch.load(files[a.samples])
     eval_ids = torch.load(eval_file)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -139,7 +135,7 @@ def main() -> None:
 
     rows, checks = [], {}
     fp, _, _ = api.load_model(str(model))
-    rows.append({"side": "float", "scheme": "fp32", "ppl": window_perplexity(fp, eval_ids),
+    rows.append({"side": "float", "scheme": "fp32", "ppl": common.window_perplexity(fp, eval_ids),
                  "seconds": 0.0})
     del fp
     cases = [("W8A16", "w8a16", None, "rtn", "W8A16"),
@@ -150,27 +146,26 @@ def main() -> None:
         seconds = run_msmodelslim(model, theirs, quant_type, cfg)
         m, _, _ = api.load_model(str(theirs))
         rows.append({"side": "msModelSlim (read by qcore)", "scheme": label,
-                     "ppl": window_perplexity(m, eval_ids), "seconds": seconds})
+                     "ppl": common.window_perplexity(m, eval_ids), "seconds": seconds})
         del m
         ours = work / f"qcore-{quant_type}"
         t0 = time.perf_counter()
-        qmodel, _, _ = quantize_with_qcore(model, files[a.samples], method,
-                                           get_scheme(scheme), {}, a.threads)
+        qmodel, _, _ = common.quantize_with_qcore(model, files[a.samples], method,
+                                                  get_scheme(scheme), {}, a.threads)
         api.build_backend("cpu").install_kernels(qmodel)
         api.save_model(qmodel, tokenizer, ours, {}, format="ascendv1")
         seconds = time.perf_counter() - t0
         rows.append({"side": f"qcore {method}", "scheme": label,
-                     "ppl": window_perplexity(qmodel, eval_ids), "seconds": seconds})
+                     "ppl": common.window_perplexity(qmodel, eval_ids), "seconds": seconds})
         del qmodel
         checks[label] = compare(ours, theirs)
 
     base = rows[0]["ppl"]
     print(f"\nSmolLM2-135M, {a.samples} x {a.seq_len} wiki head calibration (both sides), "
           f"perplexity on {a.eval_windows} x {a.seq_len} wiki tail windows\n")
-    print("| side | scheme | ppl | vs fp | seconds |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['side']} | {r['scheme']} | {r['ppl']:.4f} | {r['ppl'] / base:.4f} | "
-              f"{r['seconds']:.1f} |")
+    common.print_table(["side", "scheme", "ppl", "vs fp", "seconds"],
+                       [[r["side"], r["scheme"], f"{r['ppl']:.4f}", f"{r['ppl'] / base:.4f}",
+                         f"{r['seconds']:.1f}"] for r in rows])
     print("\nLayout, qcore's export against msModelSlim's for the same scheme:")
     for label, c in checks.items():
         print(f"  {label}: {json.dumps(c)}")

@@ -23,47 +23,36 @@ of 512 tokens of the wiki tail; calibration from the head.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
-from _common import llmc_oneshot, load_fp32, run_measured, window_perplexity, write_wiki_windows
+import _common as common
 
 HERE = Path(__file__).resolve()
-PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+COLUMNS = ["direction", "case", "reader", "qcore ppl", "other ppl", "ratio", "CT mismatches",
+           "seconds", "quant s"]
 
 
 # ----------------------------------------------------------------------------- peer side
+def peer_recipe(case: str):
+    """llm-compressor's modifier of one case: GPTQ W4A16 g64 act-order, or W8A8 RTN."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if case == "gptq-w4a16":
+        return GPTQModifier(config_groups={"group_0": common.llmc_group_scheme(4, 64)},
+                            ignore=["lm_head"], block_size=128, dampening_frac=0.01,
+                            actorder="static")
+    scheme = common.llmc_channel_token_scheme(8, symmetric_activations=True)
+    return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+
+
 def worker_llmc(a: argparse.Namespace) -> dict:
     """llm-compressor quantizes, measures its own perplexity, saves compressed."""
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from transformers import AutoTokenizer
-
-    torch.set_num_threads(a.threads)
-    calib, eval_ids = torch.load(a.calib), torch.load(a.eval)
     out = {}
     for case in ("gptq-w4a16", "w8a8"):
-        model = load_fp32(a.model)
-        tokenizer = AutoTokenizer.from_pretrained(a.model)
-        if case == "gptq-w4a16":
-            scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-                num_bits=4, type="int", symmetric=False, strategy="group", group_size=64))
-            recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                                  block_size=128, dampening_frac=0.01, actorder="static")
-        else:
-            scheme = QuantizationScheme(
-                targets=["Linear"],
-                weights=QuantizationArgs(num_bits=8, type="int", symmetric=True,
-                                         strategy="channel"),
-                input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True,
-                                                   strategy="token", dynamic=True))
-            recipe = QuantizationModifier(config_groups={"group_0": scheme},
-                                          ignore=["lm_head"])
-        seconds = llmc_oneshot(model, tokenizer, calib, recipe)
-        ppl = window_perplexity(model, eval_ids, batch_size=1)
+        model, tokenizer, calib, eval_ids = common.peer_inputs(a)  # a fresh float model each
+        seconds = common.llmc_oneshot(model, tokenizer, calib, peer_recipe(case))
+        ppl = common.window_perplexity(model, eval_ids, batch_size=1)
         folder = Path(a.out) / case
         model.save_pretrained(folder, save_compressed=True)
         tokenizer.save_pretrained(folder)
@@ -78,7 +67,7 @@ def _qcore_quantize(folder: Path, calib: Path, method: str, scheme: str, group_s
     import torch
 
     from qcore import api
-    from qcore.pipeline import run_layerwise
+    from qcore.engine.pipeline import run_layerwise
     from qcore.plugins import PluginManager
     from qcore.schemes import get_scheme
 
@@ -141,7 +130,7 @@ def qcore_to_ct(a: argparse.Namespace, folder: Path, calib: Path, eval_ids: Path
         saved = work / f"qcore-{tag}"
         model, seconds = _qcore_quantize(folder, calib, method, scheme, group_size, options,
                                          saved, act_range)
-        q_ppl = window_perplexity(model, ids, batch_size=1)
+        q_ppl = common.window_perplexity(model, ids, batch_size=1)
         t0 = time.perf_counter()
         ct_dir = work / f"ct-{tag}"
         api.export_model(str(saved), "compressed-tensors", ct_dir)
@@ -151,7 +140,7 @@ def qcore_to_ct(a: argparse.Namespace, folder: Path, calib: Path, eval_ids: Path
             asc_dir = work / f"ascend-{tag}"
             api.export_model(str(saved), "ascendv1", asc_dir)
             back, _, _ = api.load_model(str(asc_dir))
-            asc_ppl = window_perplexity(back, ids, batch_size=1)
+            asc_ppl = common.window_perplexity(back, ids, batch_size=1)
             rows.append({"direction": "qcore -> ascendv1", "case": label,
                          "reader": "qcore's ascendv1 reader", "qcore ppl": q_ppl,
                          "other ppl": asc_ppl, "ratio": asc_ppl / q_ppl,
@@ -168,7 +157,7 @@ def qcore_to_ct(a: argparse.Namespace, folder: Path, calib: Path, eval_ids: Path
             try:
                 hf = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32,
                                                           **kwargs)
-                hf_ppl = window_perplexity(hf.eval(), ids, batch_size=1)
+                hf_ppl = common.window_perplexity(hf.eval(), ids, batch_size=1)
                 row.update({"other ppl": hf_ppl, "ratio": hf_ppl / q_ppl})
                 del hf
             except Exception as exc:  # noqa: BLE001 - a reader's failure is a result
@@ -191,7 +180,7 @@ def ct_to_qcore(peer: dict, eval_ids: Path) -> list[dict]:
         model, _, meta = api.load_model(result["folder"])
         load_s = time.perf_counter() - t0
         n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
-        ppl = window_perplexity(model, ids, batch_size=1)
+        ppl = common.window_perplexity(model, ids, batch_size=1)
         rows.append({"direction": "llm-compressor -> qcore", "case": case,
                      "reader": f"qcore ({n_quant} QuantLinear, {meta['format']})",
                      "qcore ppl": ppl, "other ppl": result["ppl"],
@@ -200,60 +189,53 @@ def ct_to_qcore(peer: dict, eval_ids: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=32, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-peer", action="store_true", help="qcore -> compressed-tensors only")
-    p.add_argument("--worker", choices=["llmc"], help=argparse.SUPPRESS)
-    p.add_argument("--calib", help=argparse.SUPPRESS)
-    p.add_argument("--eval", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.worker:
-        Path(a.result).write_text(json.dumps(worker_llmc(a)))
-        return
+def peer_rows(a: argparse.Namespace, wiki: common.WikiFiles, work: Path) -> list[dict]:
+    """llm-compressor's side in its own process, then qcore reading what it saved."""
+    if not common.PEER_PYTHON.exists():
+        raise SystemExit(f"{common.PEER_PYTHON} is missing: build the llm-compressor venv "
+                         "(DESIGN.md) or pass --skip-peer")
+    peer = common.run_cell(HERE, "llmc", {**wiki.worker_flags(a.samples), "out": work / "llmc",
+                                          "threads": a.threads})
+    if "error" in peer:
+        raise SystemExit(f"llm-compressor side failed: {peer['error']}")
+    peer = {k: v for k, v in peer.items() if isinstance(v, dict)}
+    return ct_to_qcore(peer, wiki.eval)
 
+
+def table_cell(row: dict, column: str) -> str:
+    """Perplexities to 4 decimals, ratios to 5, other floats to 1, the rest as text."""
+    value = row[column]
+    if not isinstance(value, float):
+        return str(value)
+    if column in ("qcore ppl", "other ppl"):
+        return f"{value:.4f}"
+    return f"{value:.5f}" if column == "ratio" else f"{value:.1f}"
+
+
+def parse_args() -> argparse.Namespace:
+    """The parent's flags; a worker process (hidden --worker) runs its cell and exits."""
+    p = common.benchmark_parser(__doc__)
+    common.add_wiki_flags(p, samples=32)
+    common.add_threads_flag(p)
+    p.add_argument("--skip-peer", action="store_true", help="qcore -> compressed-tensors only")
+    common.add_worker_flags(p, ["llmc"], "--out")
+    return common.parse_args_or_run_worker(p, {"llmc": worker_llmc})
+
+
+def main() -> None:
+    a = parse_args()
     import torch
 
-    from qcore.models.loading import smollm2_folder
-
     torch.set_num_threads(a.threads)
-    folder = Path(smollm2_folder())
-    work = Path(tempfile.mkdtemp(prefix="bench_export_"))
-    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, [a.samples],
-                                         work)
-    rows = qcore_to_ct(a, folder, files[a.samples], eval_ids, work)
+    wiki = common.smollm2_wiki_files(a, [a.samples], "bench_export_")
+    work = wiki.folder
+    rows = qcore_to_ct(a, wiki.model, wiki.calib[a.samples], wiki.eval, work)
     if not a.skip_peer:
-        if not PEER_PYTHON.exists():
-            raise SystemExit(f"{PEER_PYTHON} is missing: build the llm-compressor venv "
-                             "(DESIGN.md) or pass --skip-peer")
-        result = work / "peer.json"
-        peer = run_measured([str(PEER_PYTHON), str(HERE), "--worker", "llmc", "--calib",
-                             str(files[a.samples]), "--eval", str(eval_ids), "--model",
-                             str(folder), "--out", str(work / "llmc"), "--result",
-                             str(result), "--threads", str(a.threads)], result, peer=True)
-        if "error" in peer:
-            raise SystemExit(f"llm-compressor side failed: {peer['error']}")
-        peer = {k: v for k, v in peer.items() if isinstance(v, dict)}
-        rows += ct_to_qcore(peer, eval_ids)
+        rows += peer_rows(a, wiki, work)
 
     print(f"\nSmolLM2-135M, {a.samples} x {a.seq_len} wiki head calibration, perplexity on "
           f"{a.eval_windows} x {a.seq_len} wiki tail windows ({a.threads} threads)\n")
-    cols = ["direction", "case", "reader", "qcore ppl", "other ppl", "ratio",
-            "CT mismatches", "seconds", "quant s"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        cells = [f"{r[c]:.4f}" if isinstance(r[c], float) and c in ("qcore ppl", "other ppl")
-                 else f"{r[c]:.5f}" if c == "ratio" and isinstance(r[c], float)
-                 else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-        print("| " + " | ".join(cells) + " |")
+    common.print_table(COLUMNS, [[table_cell(r, c) for c in COLUMNS] for r in rows])
     print("\n'seconds': export (qcore -> CT) or qcore's load of the peer folder; 'quant s': "
           "the quantization on that side.")
 

@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-    load_fp32,
-    quantize_with_qcore,
-    run_measured,
-    window_perplexity,
-    write_wiki_windows,
-)
+import _common as common
 
 HERE = Path(__file__).resolve()
-PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+DEFAULT_ROWS = "fp32,rtn:W4A4,smoothquant:W4A4,flatquant:W4A4,rtn:W8A8,flatquant:W8A8"
+PEER_LABEL = "llm-compressor RTN W4A4 int"
+COLUMNS = [common.Column("method", "<30", "name"), common.Column("ppl", ">9", "ppl", ".2f"),
+           common.Column("vs fp", ">7", "vs_fp"),
+           common.Column("quant s", ">9", "seconds", ".1f"),
+           common.Column("process s", ">10", "wall", ".1f"),
+           common.Column("peak RSS MB", ">12", "rss_mb", ".0f"),
+           common.Column("s/step", ">7", "s_step")]
+#: the training statistics a worker reports per layer, where the method has them
+LAYER_STATS = ("loss_start", "loss_end", "train_seconds", "steps", "step_seconds", "reloaded")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -47,90 +48,54 @@ def worker_qcore(a: argparse.Namespace) -> dict:
 
     from qcore.schemes import get_scheme
 
-    eval_ids = torch.load(a.eval)
     if a.method == "fp32":
-        torch.set_num_threads(a.threads)
-        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids)}
-    model, report, seconds = quantize_with_qcore(
+        return common.fp32_result(a)
+    eval_ids = torch.load(a.eval)
+    model, report, seconds = common.quantize_with_qcore(
         a.model, a.calib, a.method, get_scheme(a.scheme), json.loads(a.options), a.threads)
     layers = [{"index": r.index, "relative_mse": r.relative_mse, "seconds": r.seconds,
-               **{k: r.stats[k] for k in ("loss_start", "loss_end", "train_seconds",
-                                          "steps", "step_seconds", "reloaded")
-                  if k in r.stats}} for r in report.layers]
-    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids), "layers": layers}
+               **{k: r.stats[k] for k in LAYER_STATS if k in r.stats}}
+              for r in report.layers]
+    return {"seconds": seconds, "ppl": common.window_perplexity(model, eval_ids), "layers": layers}
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoTokenizer
 
-    eval_ids = torch.load(a.eval)
-    model = load_fp32(a.model)
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel"),
-        input_activations=QuantizationArgs(num_bits=4, type="int", symmetric=False,
-                                           strategy="token", dynamic=True))
+    model, tokenizer, _, eval_ids = common.peer_inputs(a)
+    scheme = common.llmc_channel_token_scheme(4, symmetric_activations=False)
     recipe = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "ppl": window_perplexity(model, eval_ids)}
+    return {"seconds": seconds, "ppl": common.window_perplexity(model, eval_ids)}
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(python: str, worker: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
-              model: Path, method: str = "", scheme: str = "", options: dict | None = None
-              ) -> dict:
-    out = Path(tempfile.mkstemp(prefix="bench_flatquant_", suffix=".json")[1])
-    cmd = [python, str(HERE), "--worker", worker, "--calib", str(calib), "--eval",
-           str(eval_ids), "--model", str(model), "--result", str(out), "--threads",
-           str(a.threads), "--method", method, "--scheme", scheme,
-           "--options", json.dumps(options or {})]
-    return run_measured(cmd, out, peer=worker == "llmc")
+def row_options(a: argparse.Namespace, method: str, scheme: str, sets: list[str]) -> dict:
+    """A row's qcore options: the epochs and batch flags for flatquant, then its
+    ``key=value`` items (values as JSON where they parse)."""
+    options = {}
+    if method == "flatquant":
+        epochs = a.w8a8_epochs if scheme == "W8A8" and a.w8a8_epochs is not None \
+            else a.epochs
+        options = {"epochs": epochs, "batch_size": a.fq_batch_size}
+    for item in sets:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=15, help="flatquant epochs per layer")
-    p.add_argument("--fq-batch-size", type=int, default=4, help="flatquant windows per step")
-    p.add_argument("--w8a8-epochs", type=int, default=None, help="epochs for the W8A8 run "
-                   "(default: --epochs)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default="fp32,rtn:W4A4,smoothquant:W4A4,flatquant:W4A4,"
-                   "rtn:W8A8,flatquant:W8A8",
-                   help="comma-separated method:scheme[:key=value...] rows (method options, "
-                        "values as JSON where they parse)")
-    p.add_argument("--skip-peer", action="store_true", help="qcore rows only")
-    p.add_argument("--json", help="also write all results here")
-    p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)
-    for hidden in ("--calib", "--eval", "--model", "--result", "--method", "--scheme",
-                   "--options"):
-        p.add_argument(hidden, help=argparse.SUPPRESS)
-    a = p.parse_args()
-
-    if a.worker:
-        result = (worker_qcore if a.worker == "qcore" else worker_llmc)(a)
-        Path(a.result).write_text(json.dumps(result))
-        return
-
-    from qcore.models.loading import smollm2_folder
+def qcore_rows(a: argparse.Namespace, wiki: common.WikiFiles) -> list[tuple[str, dict]]:
+    """(label, result) of each --rows cell, one process each; a method whose plugin is
+    not installed gets an error row."""
     from qcore.plugins import PluginManager
 
     available = set(PluginManager().registry("quantizer"))
-    folder = smollm2_folder()
-    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, [a.samples],
-                                         tempfile.mkdtemp(prefix="bench_flatquant_"))
-    calib = files[a.samples]
     rows: list[tuple[str, dict]] = []
     for row in a.rows.split(","):
         method, _, rest = row.partition(":")
@@ -139,63 +104,87 @@ def main() -> None:
         if method != "fp32" and method not in available:
             rows.append((label, {"error": f"plugin {method!r} not installed"}))
             continue
-        options = {}
-        if method == "flatquant":
-            epochs = a.w8a8_epochs if scheme == "W8A8" and a.w8a8_epochs is not None \
-                else a.epochs
-            options = {"epochs": epochs, "batch_size": a.fq_batch_size}
-        for item in sets:
-            key, _, value = item.partition("=")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value
-        rows.append((label, run_child(sys.executable, "qcore", a, calib, eval_ids, folder,
-                                      method, scheme, options)))
+        flags = {**wiki.worker_flags(a.samples), "threads": a.threads, "method": method,
+                 "scheme": scheme, "options": row_options(a, method, scheme, sets)}
+        rows.append((label, common.run_cell(HERE, "qcore", flags)))
         print(label, {k: v for k, v in rows[-1][1].items() if k != "layers"}, flush=True)
-    if not a.skip_peer:
-        label = "llm-compressor RTN W4A4 int"
-        if not PEER_PYTHON.exists():
-            rows.append((label, {"error": f"{PEER_PYTHON} missing"}))
-        else:
-            rows.append((label, run_child(str(PEER_PYTHON), "llmc", a, calib, eval_ids,
-                                          folder)))
+    return rows
 
+
+def mean_step(r: dict) -> float | None:
+    """FlatQuant's mean training step over all layers, seconds; None without training."""
+    steps = sum(layer.get("steps", 0) for layer in r.get("layers", []))
+    if not steps:
+        return None
+    return sum(layer["step_seconds"] * layer["steps"] for layer in r["layers"]
+               if layer.get("steps")) / steps
+
+
+def print_summary(a: argparse.Namespace, rows: list[tuple[str, dict]]) -> None:
+    """The setting and one line per row: perplexity (and over fp32's), times, peak RSS."""
+    w8a8_epochs = a.w8a8_epochs if a.w8a8_epochs is not None else a.epochs
     print(f"\nSmolLM2-135M, calibration {a.samples} x {a.seq_len} (wiki head), perplexity on "
           f"{a.eval_windows} x {a.seq_len} (wiki tail), flatquant epochs {a.epochs} "
-          f"(W8A8 {a.w8a8_epochs if a.w8a8_epochs is not None else a.epochs}), "
-          f"batch {a.fq_batch_size}, "
-          f"{a.threads} threads")
+          f"(W8A8 {w8a8_epochs}), batch {a.fq_batch_size}, {a.threads} threads")
     fp = next((r["ppl"] for n, r in rows if n == "qcore fp32" and "ppl" in r), None)
-    print(f"{'method':<30} {'ppl':>9} {'vs fp':>7} {'quant s':>9} {'process s':>10} "
-          f"{'peak RSS MB':>12} {'s/step':>7}")
+    shown = []
     for name, r in rows:
-        if "error" in r:
-            print(f"{name:<30} failed: {r['error']}")
-            continue
-        rel = f"{r['ppl'] / fp:>6.3f}x" if fp else ""
-        steps = sum(layer.get("steps", 0) for layer in r.get("layers", []))
-        step = sum(layer["step_seconds"] * layer["steps"] for layer in r["layers"]
-                   if layer.get("steps")) / steps if steps else None
-        print(f"{name:<30} {r['ppl']:>9.2f} {rel:>7} {r['seconds']:>9.1f} {r['wall']:>10.1f} "
-              f"{r.get('rss_mb', 0):>12.0f} {f'{step:.3f}' if step else '-':>7}")
+        step = mean_step(r) if "error" not in r else None
+        shown.append({"name": name, "rss_mb": 0, **r,
+                      "vs_fp": f"{r['ppl'] / fp:>6.3f}x" if fp and "ppl" in r else "",
+                      "s_step": f"{step:.3f}" if step else "-"})
+    common.print_results(COLUMNS, shown)
+
+
+def print_training(name: str, layers: list[dict]) -> None:
+    """FlatQuant's per-layer training losses of one row."""
+    print(f"\n{name}: per-layer training loss (MSE of the fake-quantized layer)")
+    print(f"{'layer':>5} {'start':>10} {'end':>10} {'end/start':>9} {'rel-mse':>9} "
+          f"{'train s':>8}")
+    for layer in layers:
+        print(f"{layer['index']:>5} {layer['loss_start']:>10.3e} "
+              f"{layer['loss_end']:>10.3e} "
+              f"{layer['loss_end'] / max(layer['loss_start'], 1e-30):>9.3f} "
+              f"{layer['relative_mse']:>9.2e} {layer['train_seconds']:>8.1f}"
+              f"{'  (loaded from matrices)' if layer.get('reloaded') else ''}")
+    loaded = [layer for layer in layers if layer.get("reloaded")]
+    if loaded:
+        total = sum(layer["train_seconds"] for layer in layers)
+        print(f"{len(loaded)} of {len(layers)} layers were trained by an earlier "
+              f"run and loaded from its matrices (their train s are that run's); "
+              f"training summed over all layers: {total:.1f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    """The parent's flags; a worker process (hidden --worker) runs its cell and exits."""
+    p = common.benchmark_parser(__doc__)
+    common.add_wiki_flags(p, samples=128)
+    p.add_argument("--epochs", type=int, default=15, help="flatquant epochs per layer")
+    p.add_argument("--fq-batch-size", type=int, default=4, help="flatquant windows per step")
+    p.add_argument("--w8a8-epochs", type=int, default=None, help="epochs for the W8A8 run "
+                   "(default: --epochs)")
+    common.add_threads_flag(p)
+    p.add_argument("--rows", default=DEFAULT_ROWS,
+                   help="comma-separated method:scheme[:key=value...] rows (method options, "
+                        "values as JSON where they parse)")
+    p.add_argument("--skip-peer", action="store_true", help="qcore rows only")
+    p.add_argument("--json", help="also write all results here")
+    common.add_worker_flags(p, ["qcore", "llmc"], "--method", "--scheme", "--options")
+    return common.parse_args_or_run_worker(p, {"qcore": worker_qcore, "llmc": worker_llmc})
+
+
+def main() -> None:
+    a = parse_args()
+    wiki = common.smollm2_wiki_files(a, [a.samples], "bench_flatquant_")
+    rows = qcore_rows(a, wiki)
+    if not a.skip_peer:
+        flags = {**wiki.worker_flags(a.samples), "threads": a.threads, "method": "",
+                 "scheme": "", "options": {}}
+        rows.append((PEER_LABEL, common.run_cell(HERE, "llmc", flags)))
+    print_summary(a, rows)
     for name, r in rows:
         if name.startswith("qcore flatquant") and "layers" in r:
-            print(f"\n{name}: per-layer training loss (MSE of the fake-quantized layer)")
-            print(f"{'layer':>5} {'start':>10} {'end':>10} {'end/start':>9} {'rel-mse':>9} "
-                  f"{'train s':>8}")
-            for layer in r["layers"]:
-                print(f"{layer['index']:>5} {layer['loss_start']:>10.3e} "
-                      f"{layer['loss_end']:>10.3e} "
-                      f"{layer['loss_end'] / max(layer['loss_start'], 1e-30):>9.3f} "
-                      f"{layer['relative_mse']:>9.2e} {layer['train_seconds']:>8.1f}"
-                      f"{'  (loaded from matrices)' if layer.get('reloaded') else ''}")
-            loaded = [layer for layer in r["layers"] if layer.get("reloaded")]
-            if loaded:
-                total = sum(layer["train_seconds"] for layer in r["layers"])
-                print(f"{len(loaded)} of {len(r['layers'])} layers were trained by an earlier "
-                      f"run and loaded from its matrices (their train s are that run's); "
-                      f"training summed over all layers: {total:.1f} s")
+            print_training(name, r["layers"])
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows), indent=1))
 

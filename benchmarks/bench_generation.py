@@ -17,13 +17,16 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_measured  # noqa: E402
+import _common as common
+
+HERE = Path(__file__).resolve()
+COLUMNS = ("model", "batch", "tokens/s", "vs fp32", "first s", "best s", "peak RSS MB",
+           "weights MB", "dequant cache MB", "kernels")
 
 ROWS = {
     "fp32": (None, None, False),
@@ -33,7 +36,8 @@ ROWS = {
 }
 
 
-def one(row: str, batch: int, new_tokens: int, repeats: int, threads: int, out: str) -> None:
+def one(a: argparse.Namespace) -> dict:
+    """Worker: one row (--one) at one batch size (--batch), in this process."""
     from pydoc_data.topics import topics
 
     import torch
@@ -43,7 +47,8 @@ def one(row: str, batch: int, new_tokens: int, repeats: int, threads: int, out: 
     from qcore.interfaces import DataSpec
     from qcore.quant.linear import QuantLinear, cached_dequantization
 
-    torch.set_num_threads(threads)
+    row, batch, new_tokens, repeats = a.one, int(a.batch), a.new_tokens, a.repeats
+    torch.set_num_threads(a.threads)
     scheme, group, cached = ROWS[row]
     model, tokenizer, _ = api.load_model("smollm2")
     kernels = {}
@@ -73,44 +78,18 @@ def one(row: str, batch: int, new_tokens: int, repeats: int, threads: int, out: 
             times.append(time.perf_counter() - t0)
     best = min(times)
     generated = (seqs.shape[1] - enc.input_ids.shape[1]) * batch
-    Path(out).write_text(json.dumps({"tokens_per_s": generated / best, "seconds": best,
-                                     "first_seconds": times[0],
-                                     "kernels": kernels, "quantized_weights_mb": weight_mb,
-                                     "dequant_cache_mb": cache_mb}))
+    return {"tokens_per_s": generated / best, "seconds": best, "first_seconds": times[0],
+            "kernels": kernels, "quantized_weights_mb": weight_mb, "dequant_cache_mb": cache_mb}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.one:
-        one(args.one, args.batch, args.new_tokens, args.repeats, args.threads, args.out)
-        return
-
+def print_results(args: argparse.Namespace, results: list[dict]) -> None:
+    """The rows as a rich table, tokens/s over fp32's at the same batch size."""
     from rich.console import Console
     from rich.table import Table
 
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for batch in args.batches:
-            for row in args.rows.split(","):
-                out = Path(tmp) / "r.json"
-                res = run_measured([sys.executable, __file__, "--one", row, "--batch",
-                                    str(batch), "--new-tokens", str(args.new_tokens),
-                                    "--repeats", str(args.repeats), "--threads",
-                                    str(args.threads), "--out", str(out)], out, peer=False)
-                results.append({"row": row, "batch": batch, **res})
     table = Table(title=f"SmolLM2-135M greedy generation, {args.new_tokens} new tokens, "
                         f"{args.threads} threads")
-    for col in ("model", "batch", "tokens/s", "vs fp32", "first s", "best s", "peak RSS MB",
-                "weights MB", "dequant cache MB", "kernels"):
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "kernels") else "right")
     fp = {r["batch"]: r.get("tokens_per_s") for r in results if r["row"] == "fp32"}
     for r in results:
@@ -124,6 +103,25 @@ def main() -> None:
                       f"{r['dequant_cache_mb']:.0f}",
                       ", ".join(f"{k}: {v}" for k, v in r["kernels"].items()) or "-")
     Console(width=160).print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=int, default=3)
+    common.add_threads_flag(p)
+    p.add_argument("--rows", default=",".join(ROWS))
+    common.add_worker_flags(p, ["qcore"], "--one", "--batch", wiki_inputs=False)
+    args = common.parse_args_or_run_worker(p, {"qcore": one})
+    results = []
+    for batch in args.batches:
+        for row in args.rows.split(","):
+            res = common.run_cell(HERE, "qcore", {"one": row, "batch": batch,
+                                                  "new_tokens": args.new_tokens,
+                                                  "repeats": args.repeats, "threads": args.threads})
+            results.append({"row": row, "batch": batch, **res})
+    print_results(args, results)
     print(json.dumps(results))
 
 

@@ -18,23 +18,16 @@ function on both sides.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
 from pathlib import Path
 
-from _common import (
-    llmc_oneshot,
-    load_fp32,
-    peak_rss_mb,
-    quantize_with_qcore,
-    run_measured,
-    window_perplexity,
-    write_wiki_windows,
-)
+import _common as common
 
 HERE = Path(__file__).resolve()
-PEER_PYTHON = Path("/work/llmc-venv/bin/python")
+COLUMNS = [common.Column("method", "<30", "name"), common.Column("ppl", ">8", "ppl", ".2f"),
+           common.Column("quant s", ">9", "seconds", ".1f"),
+           common.Column("quant RSS MB", ">13", "quant_rss_mb", ".0f"),
+           common.Column("process s", ">10", "wall", ".1f"),
+           common.Column("process RSS MB", ">15", "rss_mb", ".0f")]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -48,16 +41,16 @@ def worker_qcore(a: argparse.Namespace) -> dict:
     options = {"act_order": a.act_order, "static_groups": a.act_order} if method == "gptq" else {}
     if method == "gptq":
         options.update(parse_assignments(a.qcore_set))
-    model, report, seconds = quantize_with_qcore(
+    model, report, seconds = common.quantize_with_qcore(
         a.model, a.calib, method, get_scheme("W4A16", a.group_size), options, a.threads,
         a.batch_size)
-    quant_rss = peak_rss_mb()
+    quant_rss = common.peak_rss_mb()
     hessian_s = sum(layer.stats.get("hessian_seconds", 0.0) for layer in report.layers)
     detail = f"Hessian passes {hessian_s:.0f}s" if method == "gptq" else ""
     losses = {f"{layer.name.removeprefix('model.')}.{key.removesuffix('.loss')}": value
               for layer in report.layers for key, value in layer.stats.items()
               if key.endswith(".loss") and method == "gptq"}
-    ppl = window_perplexity(model, torch.load(a.eval), batch_size=1)
+    ppl = common.window_perplexity(model, torch.load(a.eval), batch_size=1)
     return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": detail,
             "losses": losses}
 
@@ -90,36 +83,23 @@ def record_llmc_losses(model, seq_len: int) -> dict:
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    calib = torch.load(a.calib)
-    eval_ids = torch.load(a.eval)
-    model = load_fp32(a.model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
-                                 group_size=a.group_size))
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                          block_size=128, dampening_frac=0.01,
+    model, tokenizer, calib, eval_ids = common.peer_inputs(a)
+    recipe = GPTQModifier(config_groups={"group_0": common.llmc_group_scheme(4, a.group_size)},
+                          ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                           actorder="static" if a.act_order else None)
     losses = record_llmc_losses(model, calib.shape[1])
-    seconds = llmc_oneshot(model, tokenizer, calib, recipe)
-    quant_rss = peak_rss_mb()
-    ppl = window_perplexity(model, eval_ids, batch_size=1)
+    seconds = common.llmc_oneshot(model, tokenizer, calib, recipe)
+    quant_rss = common.peak_rss_mb()
+    ppl = common.window_perplexity(model, eval_ids, batch_size=1)
     return {"seconds": seconds, "quant_rss_mb": quant_rss, "ppl": ppl, "detail": "",
             "losses": losses}
 
 
-def print_losses(rows: list[tuple[str, dict]], first: int) -> None:
+def print_losses(rows: list[dict], first: int) -> None:
     """Per-linear GPTQ objective of each side, and qcore's over the peer's per layer."""
-    have = [(name, r["losses"]) for name, r in rows if r.get("losses")]
+    have = [(r["name"], r["losses"]) for r in rows if r.get("losses")]
     if len(have) < 2:
         return
     (qname, q), (pname, peer) = have[0], have[-1]
@@ -143,66 +123,42 @@ def print_losses(rows: list[tuple[str, dict]], first: int) -> None:
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(python: str, side: str, a: argparse.Namespace, calib: Path, eval_ids: Path,
-              model: Path) -> dict:
-    out = Path(tempfile.mkstemp(prefix=f"bench_gptq_{side}_", suffix=".json")[1])
-    cmd = [python, str(HERE), "--worker", side, "--calib", str(calib), "--eval", str(eval_ids),
-           "--model", str(model), "--result", str(out), "--group-size", str(a.group_size),
-           "--threads", str(a.threads), "--batch-size", str(a.batch_size)]
-    if not a.act_order:
-        cmd.append("--no-act-order")
-    for item in a.qcore_set:
-        cmd += ["--qcore-set", item]
-    return run_measured(cmd, out, peer=side == "llmc")
+def run_side(name: str, side: str, a: argparse.Namespace, wiki: common.WikiFiles) -> dict:
+    """One side's cell (``side``: qcore, qcore-rtn or llmc) as the table row ``name``."""
+    flags = {**wiki.worker_flags(a.samples), "group_size": a.group_size,
+             "threads": a.threads, "batch_size": a.batch_size,
+             "no_act_order": not a.act_order, "qcore_set": a.qcore_set}
+    return {"name": name, **common.run_cell(HERE, side, flags)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4, help="qcore calibration batch")
-    p.add_argument("--threads", type=int, default=2)
+def parse_args() -> argparse.Namespace:
+    """The parent's flags; a worker process (hidden --worker) runs its cell and exits."""
+    p = common.benchmark_parser(__doc__)
+    common.add_wiki_flags(p, samples=128)
+    common.add_group_batch_flags(p)
+    common.add_threads_flag(p)
     p.add_argument("--no-act-order", dest="act_order", action="store_false")
-    p.add_argument("--skip-peer", action="store_true", help="run qcore only")
-    p.add_argument("--skip-qcore", action="store_true", help="run llm-compressor only")
+    common.add_skip_side_flags(p, skip_peer_help="run qcore only")
     p.add_argument("--rtn", action="store_true", help="add a qcore RTN row (same scheme)")
     p.add_argument("--qcore-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra qcore gptq option, e.g. true_sequential=false (repeatable)")
     p.add_argument("--loss-layers", type=int, default=30,
                    help="decoder layers whose per-linear objective ratio is printed")
-    p.add_argument("--worker", choices=["qcore", "qcore-rtn", "llmc"], help=argparse.SUPPRESS)
-    p.add_argument("--calib", help=argparse.SUPPRESS)
-    p.add_argument("--eval", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    common.add_worker_flags(p, ["qcore", "qcore-rtn", "llmc"])
+    workers = {"qcore": worker_qcore, "qcore-rtn": worker_qcore, "llmc": worker_llmc}
+    return common.parse_args_or_run_worker(p, workers)
 
-    if a.worker:
-        result = (worker_llmc if a.worker == "llmc" else worker_qcore)(a)
-        Path(a.result).write_text(json.dumps(result))
-        return
 
-    from qcore.models.loading import smollm2_folder
-
-    folder = smollm2_folder()
-    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, [a.samples],
-                                         tempfile.mkdtemp(prefix="bench_gptq_"))
-    calib = files[a.samples]
+def main() -> None:
+    a = parse_args()
+    wiki = common.smollm2_wiki_files(a, [a.samples], "bench_gptq_")
     rows = []
     if not a.skip_qcore:
-        rows.append(("qcore gptq", run_child(sys.executable, "qcore", a, calib, eval_ids,
-                                             folder)))
+        rows.append(run_side("qcore gptq", "qcore", a, wiki))
     if a.rtn:
-        rows.append(("qcore rtn", run_child(sys.executable, "qcore-rtn", a, calib, eval_ids,
-                                            folder)))
+        rows.append(run_side("qcore rtn", "qcore-rtn", a, wiki))
     if not a.skip_peer:
-        if not PEER_PYTHON.exists():
-            rows.append(("llm-compressor GPTQModifier", {"error": f"{PEER_PYTHON} missing"}))
-        else:
-            rows.append(("llm-compressor GPTQModifier",
-                         run_child(str(PEER_PYTHON), "llmc", a, calib, eval_ids, folder)))
+        rows.append(run_side("llm-compressor GPTQModifier", "llmc", a, wiki))
     order = "act-order + static groups" if a.act_order else "natural order"
     if a.qcore_set:
         order += f"; qcore gptq {' '.join(a.qcore_set)}"
@@ -211,14 +167,7 @@ def main() -> None:
           f"{a.threads} threads")
     print("quant s / quant RSS: the quantization call and the process's peak RSS up to its end "
           "(model load included); process: the whole child, perplexity included")
-    print(f"{'method':<30} {'ppl':>8} {'quant s':>9} {'quant RSS MB':>13} {'process s':>10} "
-          f"{'process RSS MB':>15}  notes")
-    for name, r in rows:
-        if "error" in r:
-            print(f"{name:<30} failed: {r['error']}")
-            continue
-        print(f"{name:<30} {r['ppl']:>8.2f} {r['seconds']:>9.1f} {r['quant_rss_mb']:>13.0f} "
-              f"{r['wall']:>10.1f} {r['rss_mb']:>15.0f}  {r.get('detail', '')}")
+    common.print_results(COLUMNS, rows, notes="detail")
     print_losses(rows, a.loss_layers)
 
 

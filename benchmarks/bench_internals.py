@@ -14,9 +14,10 @@ eval: perplexity of SmolLM2-135M RTN W4A16 g64 on the first --windows windows of
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
+
+import _common as common
 
 
 def _best_ms(fn, repeats: int = 20) -> float:
@@ -59,7 +60,7 @@ def dequant() -> None:
 def hessian() -> None:
     import torch
 
-    from qcore.quant.gptq import HessianAccumulator
+    from qcore.quant.hessian import HessianAccumulator
 
     print("\nHessian update, 2048 tokens, ms (best of 20)")
     print(f"{'inputs':<8} {'full (blocks=1)':>16} {'upper (blocks=4)':>17}")
@@ -103,9 +104,8 @@ def evaluation(windows: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
+    p = common.benchmark_parser(__doc__, wrap_flag_help=True)
+    common.add_threads_flag(p)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--parts", default="dequant,hessian,eval")
     a = p.parse_args()

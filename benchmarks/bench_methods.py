@@ -34,21 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from _common import (
-    llmc_oneshot,
-    load_fp32,
-    peak_rss_mb,
-    quantize_with_qcore,
-    run_measured,
-    window_perplexity,
-    write_wiki_windows,
-)
+import _common as common
 
 HERE = Path(__file__).resolve()
-PEER_PYTHON = Path("/work/llmc-venv/bin/python")
 GROUP = 64
 
 #: the issue's grid: method -> schemes
@@ -59,6 +49,8 @@ PEER_METHODS = {"rtn", "gptq", "awq", "smoothquant"}
 #: --quick: every cell runs, on a few short windows, FlatQuant trained for one epoch
 QUICK = {"samples": 4, "awq_samples": 4, "seq_len": 128, "eval_windows": 4,
          "qcore_set": ["flatquant.epochs=1"]}
+COLUMNS = ["method", "scheme", "calibration", "qcore ppl", "peer ppl", "qcore s", "peer s",
+           "time ratio", "qcore RSS MB", "peer RSS MB", "RSS ratio"]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -71,36 +63,26 @@ def qcore_scheme(name: str):
 def worker_qcore(a: argparse.Namespace) -> dict:
     import torch
 
-    eval_ids = torch.load(a.eval)
     if a.method == "fp32":
-        torch.set_num_threads(a.threads)
-        return {"seconds": 0.0, "ppl": window_perplexity(load_fp32(a.model), eval_ids, 1)}
+        return common.fp32_result(a, batch_size=1)
+    eval_ids = torch.load(a.eval)
     options = json.loads(a.options)
     propagation = options.pop("propagation", None)
-    model, report, seconds = quantize_with_qcore(
+    model, report, seconds = common.quantize_with_qcore(
         a.model, a.calib, a.method, qcore_scheme(a.scheme), options, a.threads,
         propagation=propagation)
-    rss = peak_rss_mb()
-    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": window_perplexity(model, eval_ids, 1)}
+    rss = common.peak_rss_mb()
+    ppl = common.window_perplexity(model, eval_ids, 1)
+    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": ppl}
 
 
 def peer_recipe(method: str, scheme: str) -> list:
     """llm-compressor's default modifiers for one qcore scheme (peer venv only)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    if scheme.endswith("A16"):
-        bits = int(scheme[1])
-        cfg = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=bits, type="int", symmetric=False, strategy="group", group_size=GROUP))
-    else:
-        bits = int(scheme[1])
-        cfg = QuantizationScheme(
-            targets=["Linear"],
-            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True,
-                                     strategy="channel"),
-            input_activations=QuantizationArgs(num_bits=bits, type="int", symmetric=bits == 8,
-                                               strategy="token", dynamic=True))
+    bits = int(scheme[1])
+    cfg = (common.llmc_group_scheme(bits, GROUP) if scheme.endswith("A16")
+           else common.llmc_channel_token_scheme(bits, symmetric_activations=bits == 8))
     groups = {"config_groups": {"group_0": cfg}, "ignore": ["lm_head"]}
     if method == "gptq":
         return [GPTQModifier(**groups)]
@@ -115,33 +97,22 @@ def peer_recipe(method: str, scheme: str) -> list:
 
 
 def worker_llmc(a: argparse.Namespace) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    # AWQModifier pins its activation cache; pinning needs an accelerator and only speeds
-    # host-to-device copies, so on a CPU-only machine it becomes the identity
-    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-    from transformers import AutoTokenizer
-
-    calib, eval_ids = torch.load(a.calib), torch.load(a.eval)
-    model = load_fp32(a.model)
-    seconds = llmc_oneshot(model, AutoTokenizer.from_pretrained(a.model), calib,
-                           peer_recipe(a.method, a.scheme))
-    rss = peak_rss_mb()
-    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": window_perplexity(model, eval_ids, 1)}
+    common.allow_pinning_without_accelerator()
+    model, tokenizer, calib, eval_ids = common.peer_inputs(a)
+    seconds = common.llmc_oneshot(model, tokenizer, calib, peer_recipe(a.method, a.scheme))
+    rss = common.peak_rss_mb()
+    ppl = common.window_perplexity(model, eval_ids, 1)
+    return {"seconds": seconds, "quant_rss_mb": rss, "ppl": ppl}
 
 
 # ----------------------------------------------------------------------------- parent
-def run_cell(side: str, method: str, scheme: str, options: dict, calib: Path, eval_ids: Path,
-             model: Path, a: argparse.Namespace) -> dict:
-    python = str(PEER_PYTHON) if side == "llmc" else sys.executable
-    out = Path(tempfile.mkstemp(prefix=f"bench_methods_{side}_", suffix=".json")[1])
-    cmd = [python, str(HERE), "--worker", side, "--method", method, "--scheme", scheme,
-           "--options", json.dumps(options), "--calib", str(calib), "--eval", str(eval_ids),
-           "--model", str(model), "--result", str(out), "--threads", str(a.threads)]
+def run_one(a: argparse.Namespace, wiki: common.WikiFiles, side: str, method: str, scheme: str,
+            options: dict, samples: int) -> dict:
+    """One cell (method x scheme x side) on ``samples`` calibration windows."""
     print(f"[bench_methods] {side} {method} {scheme} {options or ''}", file=sys.stderr,
           flush=True)
-    return run_measured(cmd, out, peer=side == "llmc")
+    return common.run_cell(HERE, side, {"method": method, "scheme": scheme, "options": options,
+                                        **wiki.worker_flags(samples), "threads": a.threads})
 
 
 def qcore_options(method: str, assignments: list[str]) -> dict:
@@ -150,6 +121,22 @@ def qcore_options(method: str, assignments: list[str]) -> dict:
 
     mine = [item.split(".", 1)[1] for item in assignments if item.split(".", 1)[0] == method]
     return parse_assignments(mine)
+
+
+def run_rows(a: argparse.Namespace, wiki: common.WikiFiles, cells: list[tuple[str, ...]],
+             peer_ok: bool) -> list[dict]:
+    """Each method:scheme cell on qcore and, where llm-compressor has the method, the peer."""
+    rows = []
+    for method, scheme in cells:
+        n = a.awq_samples if method == "awq" else a.samples
+        options = qcore_options(method, a.qcore_set)
+        row = {"method": method, "scheme": scheme, "options": options,
+               "calibration": f"{n} x {a.seq_len}",
+               "qcore": run_one(a, wiki, "qcore", method, scheme, options, n)}
+        if peer_ok and method in PEER_METHODS:
+            row["peer"] = run_one(a, wiki, "llmc", method, scheme, {}, n)
+        rows.append(row)
+    return rows
 
 
 def ratio(q: dict, p: dict | None, key: str) -> str:
@@ -166,9 +153,8 @@ def cell(r: dict | None, key: str, fmt: str) -> str:
     return format(r[key], fmt)
 
 
-def print_table(rows: list[dict], header: str, markdown: bool) -> None:
-    cols = ["method", "scheme", "calibration", "qcore ppl", "peer ppl", "qcore s", "peer s",
-            "time ratio", "qcore RSS MB", "peer RSS MB", "RSS ratio"]
+def print_comparison(rows: list[dict], header: str, markdown: bool) -> None:
+    """The header, then a line per method:scheme with both sides and qcore/peer ratios."""
     lines = []
     for row in rows:
         q, p = row["qcore"], row.get("peer")
@@ -178,26 +164,15 @@ def print_table(rows: list[dict], header: str, markdown: bool) -> None:
                       ratio(q, p, "seconds"), cell(q, "quant_rss_mb", ".0f"),
                       cell(p, "quant_rss_mb", ".0f"), ratio(q, p, "quant_rss_mb")])
     print("\n" + header)
-    if markdown:
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        return
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for line in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)))
+    common.print_table(COLUMNS, lines, markdown)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = common.benchmark_parser(__doc__)
     p.add_argument("--rows", default=DEFAULT_ROWS, help="method:scheme cells, comma separated")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    common.add_wiki_flags(p, samples=128)
     p.add_argument("--awq-samples", type=int, default=32, help="calibration windows for AWQ")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    common.add_threads_flag(p)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 x 128 calibration, 4 evaluation windows, FlatQuant 1 epoch")
     p.add_argument("--skip-peer", action="store_true", help="qcore cells only")
@@ -206,49 +181,31 @@ def main() -> None:
                         "METHOD.propagation=full|quantized is the run's --propagation")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--json", help="also write every cell's result to this file")
-    p.add_argument("--worker", choices=["qcore", "llmc"], help=argparse.SUPPRESS)
-    for hidden in ("--method", "--scheme", "--options", "--calib", "--eval", "--model",
-                   "--result"):
-        p.add_argument(hidden, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    common.add_worker_flags(p, ["qcore", "llmc"], "--method", "--scheme", "--options")
+    return p
 
-    if a.worker:
-        result = (worker_llmc if a.worker == "llmc" else worker_qcore)(a)
-        Path(a.result).write_text(json.dumps(result))
-        return
+
+def main() -> None:
+    p = build_parser()
+    a = common.parse_args_or_run_worker(p, {"qcore": worker_qcore, "llmc": worker_llmc})
     if a.quick:
         for key, value in QUICK.items():
             setattr(a, key, value if key != "qcore_set" else value + a.qcore_set)
-
-    from qcore.models.loading import smollm2_folder
-
     cells = [tuple(item.split(":")) for item in a.rows.split(",") if item]
     for method_scheme in cells:
         if len(method_scheme) != 2:
             p.error(f"--rows: {':'.join(method_scheme)!r} is not METHOD:SCHEME")
-    folder = smollm2_folder()
     sizes = {a.samples} | ({a.awq_samples} if any(m == "awq" for m, _ in cells) else set())
-    files, eval_ids = write_wiki_windows(folder, a.seq_len, a.eval_windows, sorted(sizes),
-                                         tempfile.mkdtemp(prefix="bench_methods_"))
-    fp = run_cell("qcore", "fp32", "", {}, files[a.samples], eval_ids, folder, a)
-    rows = []
-    peer_ok = not a.skip_peer and PEER_PYTHON.exists()
-    for method, scheme in cells:
-        n = a.awq_samples if method == "awq" else a.samples
-        options = qcore_options(method, a.qcore_set)
-        row = {"method": method, "scheme": scheme, "options": options,
-               "calibration": f"{n} x {a.seq_len}",
-               "qcore": run_cell("qcore", method, scheme, options, files[n], eval_ids, folder,
-                                 a)}
-        if peer_ok and method in PEER_METHODS:
-            row["peer"] = run_cell("llmc", method, scheme, {}, files[n], eval_ids, folder, a)
-        rows.append(row)
+    wiki = common.smollm2_wiki_files(a, sorted(sizes), "bench_methods_")
+    fp = run_one(a, wiki, "qcore", "fp32", "", {}, a.samples)
+    peer_ok = not a.skip_peer and common.PEER_PYTHON.exists()
+    rows = run_rows(a, wiki, cells, peer_ok)
     header = (f"SmolLM2-135M-Instruct float32 (fp32 perplexity {cell(fp, 'ppl', '.2f')}); "
               f"wiki_en head calibration, perplexity on {a.eval_windows} x {a.seq_len} windows "
               f"of the tail; W*A16 asymmetric g{GROUP}; {a.threads} threads per side, one cell "
               f"at a time; qcore options: {' '.join(a.qcore_set) or 'defaults'}; peer: "
               f"llm-compressor 0.14 defaults" + ("" if peer_ok else " (not run)"))
-    print_table(rows, header, a.markdown)
+    print_comparison(rows, header, a.markdown)
     if a.json:
         Path(a.json).write_text(json.dumps({"fp32": fp, "rows": rows, "args": vars(a)},
                                            indent=1))

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 
+import _common as common
 from rich.console import Console
 from rich.table import Table
 
@@ -25,8 +26,7 @@ SCHEMES = [("W4A16", 64, "RTN W4A16 asym g64"), ("W8A16", None, "RTN W8A16 sym c
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", nargs="+", default=["pydoc", "../shared/data/wiki_en.txt"])
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=512)
+    common.add_wiki_flags(p, samples=128, eval_windows=False)
     p.add_argument("--windows", type=int, default=16)
     args = p.parse_args()
 

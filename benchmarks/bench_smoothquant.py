@@ -23,36 +23,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb, window_perplexity, write_wiki_windows
+import _common as common
 
-ROOT = Path(__file__).resolve().parents[1]
-LLMC_PY = Path("/work/llmc-venv/bin/python")
+HERE = Path(__file__).resolve()
 SEQ = 512
 
 
 # ============================================================================ workers
-def worker_llmc(folder: str, calib: str, evalf: str, alpha: float) -> dict:
-    """llm-compressor 0.14 side: SmoothQuantModifier + W8A8 (no qcore import)."""
+def worker_llmc(a: argparse.Namespace) -> dict:
+    """llm-compressor 0.14 side: SmoothQuantModifier (--alpha) + W8A8 (no qcore import)."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
-    from transformers import AutoModelForCausalLM
 
-    calib_ids = torch.load(calib)
-    eval_ids = torch.load(evalf)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
+    alpha = float(a.alpha)
+    calib_ids = torch.load(a.calib)
+    eval_ids = torch.load(a.eval)
+    model = common.load_fp32(a.model)
     t0 = time.perf_counter()
-    fp = window_perplexity(model, eval_ids)
+    fp = common.window_perplexity(model, eval_ids)
     fp_s = time.perf_counter() - t0
     ds = Dataset.from_dict({"input_ids": calib_ids.tolist(),
                             "attention_mask": torch.ones_like(calib_ids).tolist()})
@@ -63,31 +59,31 @@ def worker_llmc(folder: str, calib: str, evalf: str, alpha: float) -> dict:
             max_seq_length=calib_ids.shape[1])
     q_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ppl = window_perplexity(model, eval_ids)
+    ppl = common.window_perplexity(model, eval_ids)
     return {"fp32": fp, "fp32_eval_s": fp_s, "perplexity": ppl, "quantize_s": q_s,
-            "eval_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+            "eval_s": time.perf_counter() - t0, "peak_rss_mb": common.peak_rss_mb()}
 
 
-def worker_qcore(folder: str, calib: str, evalf: str, runs: list[list]) -> dict:
-    """qcore side: each run is (label, method, scheme, options); method None = fp32."""
+def worker_qcore(a: argparse.Namespace) -> dict:
+    """qcore side: each of --runs is (label, method, scheme, options); method None = fp32."""
     import copy
 
     import torch
 
     from qcore.api import adapter_for, build_backend, build_quantizer, load_model
-    from qcore.pipeline import run_layerwise
+    from qcore.engine.pipeline import run_layerwise
     from qcore.plugins import get_plugin_manager
     from qcore.schemes import get_scheme
 
-    calib_ids = torch.load(calib)
-    eval_ids = torch.load(evalf)
+    calib_ids = torch.load(a.calib)
+    eval_ids = torch.load(a.eval)
     plugins = get_plugin_manager()
-    base, _, _ = load_model(folder, plugins)
+    base, _, _ = load_model(a.model, plugins)
     out = {}
-    for label, method, scheme, options in runs:
+    for label, method, scheme, options in json.loads(a.runs):
         if method is None:  # the float model
             t0 = time.perf_counter()
-            out[label] = {"perplexity": window_perplexity(base, eval_ids),
+            out[label] = {"perplexity": common.window_perplexity(base, eval_ids),
                           "eval_s": time.perf_counter() - t0}
             continue
         model = copy.deepcopy(base)
@@ -99,26 +95,23 @@ def worker_qcore(folder: str, calib: str, evalf: str, runs: list[list]) -> dict:
         q_s = time.perf_counter() - t0
         kernels = backend.install_kernels(model)
         t0 = time.perf_counter()
-        ppl = window_perplexity(model, eval_ids)
+        ppl = common.window_perplexity(model, eval_ids)
         out[label] = {"perplexity": ppl, "quantize_s": q_s, "eval_s": time.perf_counter() - t0,
-                      "kernels": kernels, "peak_rss_mb_so_far": peak_rss_mb()}
+                      "kernels": kernels, "peak_rss_mb_so_far": common.peak_rss_mb()}
         print(f"  {label}: ppl {ppl:.3f} ({q_s:.0f}s)", file=sys.stderr, flush=True)
         del model
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = common.peak_rss_mb()
     return out
 
 
 # ============================================================================ driver side
-def _run_worker(python: str, args: list[str], env: dict | None = None) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([python, __file__, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, check=False)
-    wall = time.perf_counter() - t0
-    sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
-    if proc.returncode:
-        raise RuntimeError(f"worker {args[:2]} failed with {proc.returncode}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):]), wall
+def _run_worker(side: str, flags: dict) -> tuple[dict, float]:
+    """A worker's result and the wall seconds of its process (``run_cell``)."""
+    result = common.run_cell(HERE, side, flags)
+    if "error" in result:
+        raise RuntimeError(f"worker {side} failed: {result['error']}")
+    result.pop("rss_mb")
+    return result, result.pop("wall")
 
 
 # the first run is the one compared with llm-compressor: the worker's peak RSS right after
@@ -149,23 +142,21 @@ KV_RUNS = [
 
 
 def quality(args) -> dict:
-    from qcore.models.loading import smollm2_folder
+    from qcore.engine.loading import smollm2_folder
 
     folder = smollm2_folder()
     with tempfile.TemporaryDirectory() as tmp:
-        files, evalf = write_wiki_windows(folder, SEQ, args.windows, [args.samples], tmp)
+        files, evalf = common.write_wiki_windows(folder, SEQ, args.windows, [args.samples], tmp)
         calib = files[args.samples]
         runs = QUALITY_RUNS[:3] if args.quick else QUALITY_RUNS + (EXTRA_RUNS if args.full
                                                                      else [])
         if args.kv:
             runs = KV_RUNS
-        ours, ours_wall = _run_worker(sys.executable, [
-            "--worker", "qcore", str(folder), str(calib), str(evalf), json.dumps(runs)])
+        inputs = {"model": folder, "calib": calib, "eval": evalf}
+        ours, ours_wall = _run_worker("qcore", {**inputs, "runs": json.dumps(runs)})
         peer, peer_wall = None, None
         if not args.skip_peer:
-            peer, peer_wall = _run_worker(str(LLMC_PY), [
-                "--worker", "llmc", str(folder), str(calib), str(evalf), "0.5"],
-                env={"PYTHONPATH": ""})
+            peer, peer_wall = _run_worker("llmc", {**inputs, "alpha": 0.5})
     fp = ours["fp32"]["perplexity"]
     print(f"\nSmolLM2-135M, wiki_en: calib head {args.samples}x{SEQ}, eval tail "
           f"{args.windows}x{SEQ}; qcore worker wall {ours_wall:.0f}s, peak RSS "
@@ -268,7 +259,7 @@ def e2e(args) -> dict:
     import torch
 
     from qcore.api import adapter_for, build_backend, build_quantizer, load_model
-    from qcore.pipeline import run_layerwise
+    from qcore.engine.pipeline import run_layerwise
     from qcore.plugins import get_plugin_manager
     from qcore.schemes import get_scheme
 
@@ -319,17 +310,8 @@ def e2e(args) -> dict:
     return res
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        kind, folder, calib, evalf, extra = sys.argv[2:7]
-        if kind == "llmc":
-            out = worker_llmc(folder, calib, evalf, float(extra))
-        else:
-            out = worker_qcore(folder, calib, evalf, json.loads(extra))
-        print("RESULT " + json.dumps(out), flush=True)
-        return
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = common.benchmark_parser(__doc__, wrap_flag_help=True)
     p.add_argument("--parts", default="quality,kernels,e2e")
     p.add_argument("--samples", type=int, default=32, help="calibration windows of 512")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows of 512")
@@ -341,7 +323,7 @@ def main() -> None:
                    help="quality: fp32, W8A8 and the KV-cache schemes W8A8KV8 (dynamic), "
                         "W8A8C8 and W8A8C8-TENSOR (static scales) instead")
     p.add_argument("--engines", default="auto,onednn,fbgemm,int_mm")
-    p.add_argument("--threads", type=int, default=None)
+    common.add_threads_flag(p, default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--e2e-reference", action="store_true",
@@ -351,7 +333,13 @@ def main() -> None:
                    help="kernels/e2e timing clock: 'cpu' = this thread's CPU time (immune to "
                         "preemption on a shared machine; needs --threads 1), 'wall' = "
                         "perf_counter; default cpu with --threads 1, else wall")
-    args = p.parse_args()
+    common.add_worker_flags(p, ["qcore", "llmc"], "--runs", "--alpha")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
+    args = common.parse_args_or_run_worker(p, {"qcore": worker_qcore, "llmc": worker_llmc})
     import torch
 
     if args.threads:

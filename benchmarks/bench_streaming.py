@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 from qcore.hookspecs import hookimpl
-
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wiki_en.txt"
 
 #: Qwen2 shapes of the study's distilled models (config.json of DeepSeek-R1-Distill-Qwen)
 SHAPES = {
@@ -120,7 +119,7 @@ def build_checkpoint(folder: Path, shape: str, layers: int, seed: int = 0) -> Pa
              "weight_map": {n: final[k] for n, k in sorted(weight_map.items())}}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(tmp)
-    from qcore.models.loading import smollm2_folder
+    from qcore.engine.loading import smollm2_folder
 
     AutoTokenizer.from_pretrained(str(smollm2_folder())).save_pretrained(tmp)
     tmp.rename(folder)
@@ -161,20 +160,14 @@ class LayerMemory:
         self.file, self.layers, self.current = file, [], 0.0
         threading.Thread(target=self._sample, daemon=True).start()
 
-    @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
     def _sample(self) -> None:
         while True:
-            self.current = max(self.current, self._rss_mb())
+            self.current = max(self.current, common.current_rss_mb())
             time.sleep(0.2)
 
     @hookimpl
     def qcore_layer_quantized(self, report) -> None:
-        self.layers.append(round(max(self.current, self._rss_mb())))
+        self.layers.append(round(max(self.current, common.current_rss_mb())))
         self.current = 0.0
         self.file.write_text(json.dumps(self.layers))
 
@@ -200,7 +193,7 @@ def evaluate_output(out: Path) -> list[dict]:
     the memory, not the score, is measured), loaded whole and with ``--stream``."""
     results = []
     for flags in ([], ["--stream"]):
-        cmd = ["evaluate", "--model", str(out), "--data", str(WIKI), "--data-part", "tail",
+        cmd = ["evaluate", "--model", str(out), "--data", str(common.WIKI), "--data-part", "tail",
                "--seq-len", "32", "--windows", "1", "--batch-size", "1", "--json", *flags]
         seconds, peak, code, output, _ = run_child(cmd)
         if code != 0:
@@ -227,7 +220,7 @@ def matmul_gflops() -> None:
               f"{2 * 2048 * 3584 * 18944 / best / 1e9:.0f} |")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
     parser.add_argument("--layers", type=int, default=28,
@@ -250,6 +243,67 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--matmul", action="store_true",
                         help="only time a 7B-shape matmul in float32, bf16 and fp16")
+    return parser
+
+
+def output_folder(args: argparse.Namespace, row: str) -> Path:
+    """Where ``qcore quantize`` saves the row's quantized checkpoint."""
+    return args.work / f"out-{row}-{args.layers}l"
+
+
+def quantize_row(args: argparse.Namespace, row: str) -> dict:
+    """Build the row's checkpoint (once), quantize it with ``qcore quantize`` in a child
+    process and return the row's measurements."""
+    shape, method, extra = ROWS[row]
+    folder = build_checkpoint(args.work / f"qwen2-{shape}-{args.layers}l", shape, args.layers)
+    out = output_folder(args, row)
+    cmd = ["quantize", "--model", str(folder),
+           "--method", method, *extra, "--calib", str(common.WIKI), "--calib-part", "head",
+           "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+           "--save", str(out), "--overwrite", "--json"]
+    if args.activation_budget:
+        cmd += ["--activation-budget", args.activation_budget]
+    if args.max_shard_size:
+        cmd += ["--max-shard-size", args.max_shard_size]
+    seconds, peak, code, output, layer_peaks = run_child(cmd)
+    if code != 0:
+        sys.exit(f"{row} failed (exit {code}):\n{output}")
+    report = json.loads(output[output.index("{"):])
+    per_layer = [x["seconds"] for x in report["layers"]]
+    return {"row": row, "shape": f"Qwen2-{shape} ({args.layers} layers)",
+            "method": method, "scheme": " ".join(extra[1::2]),
+            "calibration": f"{args.samples} x {args.seq_len}"
+            if method != "rtn" else "none (no forward)",
+            "activations": "offloaded past " + args.activation_budget
+            if args.activation_budget else "in memory",
+            "checkpoint_gb": round(folder_bytes(folder) / 1e9, 2),
+            "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
+            "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
+            "output_gb": round(folder_bytes(out) / 1e9, 2),
+            "layer_peak_rss_mb": layer_peaks}
+
+
+def print_report(rows: list[dict]) -> None:
+    """The rows' table, each row's per-layer peaks, and the evaluations' table."""
+    cols = ["shape", "method", "scheme", "calibration", "activations", "checkpoint_gb",
+            "peak_rss_mb", "seconds", "s_per_layer", "output_gb"]
+    common.print_table(cols, [[str(r[c]) for c in cols] for r in rows])
+    for r in rows:
+        peaks = r["layer_peak_rss_mb"]
+        if peaks:
+            print(f"\n{r['row']}: peak RSS MB during each layer's turn: "
+                  f"{', '.join(map(str, peaks))}")
+    evaluated = [(r, e) for r in rows for e in r.get("evaluation", [])]
+    if evaluated:
+        print()
+        common.print_table(["output of", "evaluate", "peak RSS MB", "seconds", "perplexity"],
+                           [[f"{r['row']} ({r['output_gb']} GB)", e["mode"], str(e["peak_rss_mb"]),
+                             str(e["seconds"]), f"{e['perplexity']:.6g}"] for r, e in evaluated])
+    print(f"\ntorch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.matmul:
         matmul_gflops()
@@ -260,59 +314,14 @@ def main() -> None:
     for row in args.rows.split(","):
         if row not in ROWS:
             parser.error(f"--rows: unknown row {row!r} (known: {', '.join(ROWS)})")
-        shape, method, extra = ROWS[row]
-        folder = build_checkpoint(args.work / f"qwen2-{shape}-{args.layers}l", shape,
-                                  args.layers)
-        out = args.work / f"out-{row}-{args.layers}l"
-        cmd = ["quantize", "--model", str(folder),
-               "--method", method, *extra, "--calib", str(WIKI), "--calib-part", "head",
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-               "--save", str(out), "--overwrite", "--json"]
-        if args.activation_budget:
-            cmd += ["--activation-budget", args.activation_budget]
-        if args.max_shard_size:
-            cmd += ["--max-shard-size", args.max_shard_size]
-        seconds, peak, code, output, layer_peaks = run_child(cmd)
-        if code != 0:
-            sys.exit(f"{row} failed (exit {code}):\n{output}")
-        report = json.loads(output[output.index("{"):])
-        per_layer = [x["seconds"] for x in report["layers"]]
-        rows.append({"row": row, "shape": f"Qwen2-{shape} ({args.layers} layers)",
-                     "method": method, "scheme": " ".join(extra[1::2]),
-                     "calibration": f"{args.samples} x {args.seq_len}"
-                     if method != "rtn" else "none (no forward)",
-                     "activations": "offloaded past " + args.activation_budget
-                     if args.activation_budget else "in memory",
-                     "checkpoint_gb": round(folder_bytes(folder) / 1e9, 2),
-                     "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
-                     "s_per_layer": round(sum(per_layer) / len(per_layer), 1),
-                     "output_gb": round(folder_bytes(out) / 1e9, 2),
-                     "layer_peak_rss_mb": layer_peaks})
+        rows.append(quantize_row(args, row))
         print(f"{row}: {rows[-1]}", file=sys.stderr, flush=True)
         if args.evaluate:
-            rows[-1]["evaluation"] = evaluate_output(out)
+            rows[-1]["evaluation"] = evaluate_output(output_folder(args, row))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cols = ["shape", "method", "scheme", "calibration", "activations", "checkpoint_gb",
-            "peak_rss_mb", "seconds", "s_per_layer", "output_gb"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    for r in rows:
-        peaks = r["layer_peak_rss_mb"]
-        if peaks:
-            print(f"\n{r['row']}: peak RSS MB during each layer's turn: "
-                  f"{', '.join(map(str, peaks))}")
-    evaluated = [(r, e) for r in rows for e in r.get("evaluation", [])]
-    if evaluated:
-        print("\n| output of | evaluate | peak RSS MB | seconds | perplexity |")
-        print("|---|---|---|---|---|")
-        for r, e in evaluated:
-            print(f"| {r['row']} ({r['output_gb']} GB) | {e['mode']} | {e['peak_rss_mb']} | "
-                  f"{e['seconds']} | {e['perplexity']:.6g} |")
-    print(f"\ntorch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print_report(rows)
 
 
 if __name__ == "__main__":

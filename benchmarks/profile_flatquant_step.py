@@ -20,7 +20,7 @@ import argparse
 import tempfile
 import time
 
-from _common import load_fp32, write_wiki_windows
+import _common as common
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_scaled_dot_product",
            "aten::_flash_attention", "aten::linear")
@@ -41,16 +41,19 @@ def layer_inputs(model, ids, index: int):
     return hidden, kwargs
 
 
-def run_steps(model, index: int, hidden, kwargs, scheme_name: str, fuse: bool, steps: int,
-              warmup: int, top: int) -> dict:
+def run_steps(model, hidden, kwargs, fuse: bool, a: argparse.Namespace) -> dict:
+    """Time and profile FlatQuant steps of decoder layer --layer at one ``fuse`` setting:
+    first step, mean of --steps after --warmup, the --top operators by self CPU time."""
     import torch
     import torch.nn.functional as F
 
     from qcore.models.adapter import LlamaLikeAdapter as A
     from qcore.schemes import get_scheme
-    from qcore_flatquant.quantizer import FlatQuantConfig, LayerTransforms, training_layer
+    from qcore_flatquant.config import FlatQuantConfig
+    from qcore_flatquant.learnables import LayerTransforms
+    from qcore_flatquant.training import training_layer
 
-    layer = model.model.layers[index]
+    layer = model.model.layers[a.layer]
     with torch.no_grad():
         target = layer(hidden, **kwargs)
         target = target[0] if isinstance(target, tuple) else target
@@ -64,7 +67,7 @@ def run_steps(model, index: int, hidden, kwargs, scheme_name: str, fuse: bool, s
     for p in layer.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(owner.parameters(), lr=config.lr)
-    scheme = get_scheme(scheme_name)
+    scheme = get_scheme(a.scheme)
 
     def step() -> None:
         out = layer(hidden, **kwargs)
@@ -78,19 +81,19 @@ def run_steps(model, index: int, hidden, kwargs, scheme_name: str, fuse: bool, s
         t0 = time.perf_counter()
         step()  # the first step compiles (fuse on)
         first = time.perf_counter() - t0
-        for _ in range(warmup):
+        for _ in range(a.warmup):
             step()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(a.steps):
             step()
-        mean = (time.perf_counter() - t0) / steps
+        mean = (time.perf_counter() - t0) / a.steps
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMULS))
-    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:a.top]
     return {"first": first, "mean": mean, "matmul_share": matmul / max(total, 1),
             "rows": [(e.key, e.self_cpu_time_total / 3e3, e.count // 3,
                       e.self_cpu_time_total / max(total, 1)) for e in rows]}
@@ -114,7 +117,7 @@ def matmul_rates(tokens: int, k: int, n: int, repeats: int = 5) -> dict[str, flo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.benchmark_parser(__doc__)
     p.add_argument("--fuse", choices=["off", "on", "both"], default="both")
     p.add_argument("--scheme", default="W4A4")
     p.add_argument("--layer", type=int, default=15, help="decoder layer index")
@@ -122,33 +125,33 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    common.add_threads_flag(p)
     p.add_argument("--top", type=int, default=12, help="operators per table")
     a = p.parse_args()
 
     import torch
 
-    from qcore.models.loading import smollm2_folder
+    from qcore.engine.loading import smollm2_folder
 
     torch.set_num_threads(a.threads)
     folder = smollm2_folder()
-    files, _ = write_wiki_windows(folder, a.seq_len, 1, [a.batch],
-                                  tempfile.mkdtemp(prefix="profile_flatquant_step_"))
+    files, _ = common.write_wiki_windows(folder, a.seq_len, 1, [a.batch],
+                                         tempfile.mkdtemp(prefix="profile_flatquant_step_"))
     ids = torch.load(files[a.batch])
-    model = load_fp32(str(folder))
+    model = common.load_fp32(str(folder))
     hidden, kwargs = layer_inputs(model, ids, a.layer)
     settings = {"off": [False], "on": [True], "both": [False, True]}[a.fuse]
     results = {}
     for fuse in settings:
-        r = run_steps(model, a.layer, hidden, kwargs, a.scheme, fuse, a.steps, a.warmup, a.top)
+        r = run_steps(model, hidden, kwargs, fuse, a)
         results[fuse] = r
         print(f"\nfuse={'on' if fuse else 'off'}: {a.scheme}, layer {a.layer}, {a.batch} x "
               f"{a.seq_len} tokens, {a.threads} threads: {r['mean']:.3f} s/step over "
               f"{a.steps} steps (first step {r['first']:.1f} s); matmuls "
               f"{r['matmul_share']:.0%} of operator self time")
-        print("| operator | ms/step | calls/step | share |\n|---|---|---|---|")
-        for key, ms, count, share in r["rows"]:
-            print(f"| `{key}` | {ms:.1f} | {count} | {share:.0%} |")
+        common.print_table(["operator", "ms/step", "calls/step", "share"],
+                           [[f"`{key}`", f"{ms:.1f}", str(count), f"{share:.0%}"]
+                            for key, ms, count, share in r["rows"]])
     c = model.config
     rates = matmul_rates(a.batch * a.seq_len, c.hidden_size, c.intermediate_size)
     print(f"\none {a.batch * a.seq_len} x {c.hidden_size} @ {c.hidden_size} x "

@@ -22,12 +22,11 @@ run it on a quiet machine and read the shares, not the seconds.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from _common import quantize_with_qcore, write_wiki_windows
+import _common as common
 
 #: path fragments of qcore's own code (the repository's folders and the import names)
 OWN_CODE = ("/core/", "/plugins/", "/backends/", "/qcore/", "/qcore_")
@@ -60,12 +59,11 @@ def summarise(root, top: int) -> tuple[float, list[tuple[str, float]], list[tupl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.benchmark_parser(__doc__)
     p.add_argument("--method", required=True)
     p.add_argument("--scheme", default="W4A16")
-    p.add_argument("--samples", type=int, default=32, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
+    common.add_wiki_flags(p, samples=32, eval_windows=False)
+    common.add_threads_flag(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (YAML value), repeatable")
     p.add_argument("--top", type=int, default=20, help="rows per table")
@@ -79,7 +77,7 @@ def main() -> None:
                          ) from err
     import yaml
 
-    from qcore.models.loading import smollm2_folder
+    from qcore.engine.loading import smollm2_folder
     from qcore.schemes import get_scheme
 
     options = {}
@@ -89,14 +87,14 @@ def main() -> None:
             p.error(f"--set {item!r}: expected KEY=VALUE")
         options[key] = yaml.safe_load(value)
     folder = smollm2_folder()
-    files, _ = write_wiki_windows(folder, a.seq_len, 1, [a.samples],
-                                  tempfile.mkdtemp(prefix="profile_method_"))
+    files, _ = common.write_wiki_windows(folder, a.seq_len, 1, [a.samples],
+                                         tempfile.mkdtemp(prefix="profile_method_"))
     scheme = get_scheme(a.scheme, SCHEME_GROUP if a.scheme.endswith("A16") else None)
 
     profiler = Profiler(interval=a.interval)
     profiler.start()
-    _, _, seconds = quantize_with_qcore(folder, files[a.samples], a.method, scheme, options,
-                                        a.threads)
+    _, _, seconds = common.quantize_with_qcore(folder, files[a.samples], a.method, scheme, options,
+                                               a.threads)
     profiler.stop()
     total, phases, leaves = summarise(profiler.last_session.root_frame(), a.top)
 
@@ -105,9 +103,9 @@ def main() -> None:
           f"(profiled process {total:.1f} s)")
     for title, rows in (("phases: qcore functions, inclusive", phases),
                         ("leaves: innermost frames, self", leaves)):
-        print(f"\n| {title} | s | share |\n|---|---|---|")
-        for name, t in rows:
-            print(f"| `{name}` | {t:.1f} | {t / seconds:.0%} |")
+        print()
+        common.print_table([title, "s", "share"],
+                           [[f"`{name}`", f"{t:.1f}", f"{t / seconds:.0%}"] for name, t in rows])
     if a.html:
         Path(a.html).write_text(profiler.output_html())
         print(f"\nreport: {a.html}")

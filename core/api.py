@@ -16,43 +16,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from qcore.activations import DEFAULT_BUDGET_FRACTION, available_memory_bytes
-from qcore.config import RunConfig, validation_summary
+from qcore.config import RunConfig
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
-from qcore.errors import ConfigError, SavedModelError
-from qcore.finite import check_source_weights
-from qcore.interfaces import (
-    Backend,
-    DataSpec,
-    Evaluator,
-    Format,
-    Quantizer,
-    SavedModel,
-    WeightSolver,
-)
-from qcore.io import check_output_dir
-from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
-from qcore.models.loading import (
+from qcore.engine.activations import DEFAULT_BUDGET_FRACTION, available_memory_bytes
+from qcore.engine.finite import check_source_weights
+from qcore.engine.loading import (
     check_model_source,
     load_float_model,
     load_tokenizer,
-    quantization_config,
     resolve_model_source,
 )
-from qcore.models.streaming import (
+from qcore.engine.pipeline import LoopOptions, check_group_size, run_layerwise
+from qcore.engine.placement import dispatch
+from qcore.engine.streaming import (
     StreamedCheckpoint,
     can_stream,
     mapped_bytes,
     page_out_after_forward,
     resolve_dtype,
 )
-from qcore.pipeline import check_group_size, run_layerwise
-from qcore.plugins import PluginError, PluginManager, get_plugin_manager
+from qcore.errors import ConfigError, SavedModelError
+from qcore.interfaces import (
+    Backend,
+    DataSpec,
+    EvaluationResources,
+    Evaluator,
+    Format,
+    LayerWriter,
+    Quantizer,
+    SavedModel,
+)
+from qcore.io import check_output_dir
+from qcore.models.adapter import ArchitectureAdapter, resolve_adapter
+from qcore.models.checkpoint import quantization_config
+from qcore.plugins import PluginManager, get_plugin_manager
 from qcore.reports import EvaluationResult, QuantizationReport
-from qcore.schemes import QuantArgs, QuantScheme
+from qcore.schemes import QuantScheme
 from qcore.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -62,60 +63,38 @@ __all__ = ["ConfigError", "quantize", "evaluate", "load_model", "save_model", "e
            "perplexity"]
 
 
-def _validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict
-                      ) -> BaseModel:
-    try:
-        return config_cls.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid options for {kind} {name!r}: "
-                          f"{validation_summary(exc)}") from exc
-
-
 def build_quantizer(method: str, scheme: QuantScheme, options: dict[str, Any] | None = None,
                     plugins: PluginManager | None = None) -> Quantizer:
-    plugins = plugins or get_plugin_manager()
-    cls: type[Quantizer] = plugins.get("quantizer", method)
-    config = _validate_options("quantizer", method, cls.Config, options or {})
-    try:
-        quantizer = cls(config, scheme)
-        quantizer.bind(plugins)
-    except ValueError as exc:
-        raise ConfigError(f"{method}: {exc}") from exc
-    return quantizer
-
-
-def build_solver(name: str, options: dict[str, Any], weights: QuantArgs,
-                 plugins: PluginManager | None = None, owner: str = "weight_method"
-                 ) -> WeightSolver:
-    """A registered weight solver with validated options, checked against the weight
-    arguments it must produce; what a composing method calls from ``bind``. Errors name
-    ``owner`` (the option that chose the solver)."""
-    plugins = plugins or get_plugin_manager()
-    try:
-        cls: type[WeightSolver] = plugins.get("solver", name)
-    except PluginError as exc:
-        raise ConfigError(f"{owner} {name!r}: {exc}") from exc
-    solver = cls(_validate_options("solver", name, cls.Config, options))
-    try:
-        solver.check_args(weights)
-    except ValueError as exc:
-        raise ConfigError(f"{owner} {name!r}: {exc}") from exc
-    return solver
+    return (plugins or get_plugin_manager()).build_quantizer(method, scheme, options)
 
 
 def build_backend(name: str, plugins: PluginManager | None = None) -> Backend:
-    plugins = plugins or get_plugin_manager()
-    cls: type[Backend] = plugins.get("backend", name)
-    if not cls.is_available():
-        raise ConfigError(f"backend {name!r} is not available on this machine")
-    return cls()
+    return (plugins or get_plugin_manager()).build_backend(name)
 
 
 def build_evaluator(name: str, options: dict[str, Any], plugins: PluginManager | None = None
                     ) -> Evaluator:
-    plugins = plugins or get_plugin_manager()
-    cls: type[Evaluator] = plugins.get("evaluator", name)
-    return cls(_validate_options("evaluator", name, cls.Config, options))
+    return (plugins or get_plugin_manager()).build_evaluator(name, options)
+
+
+class RunResources(DatasetRegistry, EvaluationResources):
+    """The evaluators' resources, resolved through the run's plugin manager."""
+
+    def __init__(self, plugins: PluginManager) -> None:
+        super().__init__(plugins.registry("dataset"))
+        self.plugins = plugins
+
+    def place(self, model: nn.Module, backend: Backend) -> nn.Module:
+        return dispatch(model, backend)
+
+    def load_model(self, source: str) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+        return load_model(source, self.plugins, backend=None)
+
+    def adapter_for(self, model: nn.Module) -> ArchitectureAdapter:
+        return adapter_for(model, self.plugins)
+
+    def backend(self, name: str) -> Backend:
+        return self.plugins.build_backend(name)
 
 
 def datasets(plugins: PluginManager | None = None) -> DatasetRegistry:
@@ -243,8 +222,8 @@ def export_model(source: str, format: str, out: str | Path, *, overwrite: bool =
     fmt: type[Format] = plugins.get("format", format)
     path = Path(resolve_model_source(source))
     if not path.exists():
-        raise ConfigError(f"--model {source}: no such file or folder")
-    check_output_dir(out, overwrite=overwrite, inputs=[path], option="--out")
+        raise ConfigError(f"`model` {source}: no such file or folder")
+    check_output_dir(out, overwrite=overwrite, inputs=[path], option="`out`")
     model, tokenizer, meta = load_model(source, plugins, backend=None)
     if meta is None:
         raise ConfigError(f"{source} is not a quantized model; quantize it with "
@@ -256,7 +235,7 @@ def export_model(source: str, format: str, out: str | Path, *, overwrite: bool =
     try:
         return fmt().save(model, tokenizer, Path(out), details)
     except ValueError as exc:
-        raise ConfigError(f"--format {format}: {exc}") from exc
+        raise ConfigError(f"`format` {format}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -292,37 +271,12 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     quantizer = build_quantizer(config.method, scheme, config.method_config, plugins)
     backend = build_backend(config.backend, plugins)
     run = plugins.for_run(listeners)  # a listener with an unknown hook fails here
-    registry = datasets(plugins)
-    try:
-        registry.resolve(config.calibration.data).check(config.calibration.data)
-    except ValueError as exc:
-        raise ConfigError(f"calibration.data: {exc}") from exc
-    source = config.calibration.data.source
-    model_path = None
-    if model is None:
-        model_path = check_model_source(config.model)
-        if model_path is not None and model_path.is_dir() and find_format(model_path, plugins):
-            raise ConfigError(f"{config.model} is already a quantized qcore model")
-    if config.save is not None:
-        problem = plugins.get("format", config.format).check_run(
-            quantizer.scheme, quantizer.online_transforms())  # what the method produces
-        if problem:
-            raise ConfigError(f"--format {config.format}: {problem}")
-        inputs = [p for p in (model_path, Path(source)) if p is not None]
-        check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
-                         expected_bytes=_expected_save_bytes(model_path, config))
-
+    model_path = _check_inputs(config, quantizer, plugins, given_model=model is not None)
     checkpoint = None
     if model is None:
         tokenizer = load_tokenizer(config.model)
         calib = calibration_ids(tokenizer, config, plugins)  # a short text fails before loading
-        dtype = resolve_dtype(config.dtype, model_path)
-        if config.stream and can_stream(model_path):
-            checkpoint = StreamedCheckpoint(model_path, dtype)
-            checkpoint.check()  # every tensor listed, before any work
-            model = checkpoint.model
-        else:
-            model, _, _ = load_model(config.model, plugins, dtype=dtype)
+        model, checkpoint = _load_float(config, model_path, plugins)
     else:
         calib = calibration_ids(tokenizer, config, plugins)
     if not quantizer.uses_calibration() and config.error_windows is not None \
@@ -330,9 +284,74 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         log.info("%s needs no calibration activations: forwarding %d of %d windows (the "
                  "per-layer error's)", quantizer.name, config.error_windows, len(calib))
         calib = calib[: config.error_windows]
+    adapter = _check_model(model, quantizer, checkpoint, plugins)
+    writer = _layer_writer(config, plugins)
+    options = LoopOptions(
+        plugins=run, propagation=config.propagation,
+        batch_size=config.calibration.batch_size, error_windows=config.error_windows,
+        progress=progress, source=checkpoint.load_layer if checkpoint is not None else None,
+        writer=writer, modules=plugins.registry("module"),
+        activation_budget=config.activation_budget_bytes(),
+        offload_dir=Path(config.offload_dir) if config.offload_dir else None)
+    report = run_layerwise(model, quantizer, adapter, backend, calib, options)
+    if writer is not None:
+        saved = writer.finish(model, tokenizer,
+                              _save_metadata(config, quantizer.scheme, report)).path
+        return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config)
+    backend.install_kernels(model)
+    saved = _save_whole(model, tokenizer, config, _save_metadata(config, quantizer.scheme,
+                                                                  report), plugins)
+    return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config,
+                          in_memory=model)
+
+
+def _check_inputs(config: RunConfig, quantizer: Quantizer, plugins: PluginManager,
+                  given_model: bool) -> Path | None:
+    """Everything that can be checked before a model loads: the calibration source, the
+    model source, the save format against the method, the output folder. Returns the
+    model's local path (None for a hub id or a given model)."""
+    registry = datasets(plugins)
+    try:
+        registry.resolve(config.calibration.data).check(config.calibration.data)
+    except ValueError as exc:
+        raise ConfigError(f"calibration.data: {exc}") from exc
+    model_path = None
+    if not given_model:
+        model_path = check_model_source(config.model)
+        if model_path is not None and model_path.is_dir() and find_format(model_path, plugins):
+            raise ConfigError(f"{config.model} is already a quantized qcore model")
+    if config.save is not None:
+        problem = plugins.get("format", config.format).check_run(
+            quantizer.scheme, quantizer.online_transforms())  # what the method produces
+        if problem:
+            raise ConfigError(f"`format` {config.format}: {problem}")
+        inputs = [p for p in (model_path, Path(config.calibration.data.source))
+                  if p is not None]
+        check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
+                         expected_bytes=_expected_save_bytes(model_path, config))
+    return model_path
+
+
+def _load_float(config: RunConfig, model_path: Path | None, plugins: PluginManager
+                ) -> tuple[nn.Module, StreamedCheckpoint | None]:
+    """The float model: a skeleton whose layers stream from the checkpoint, or whole."""
+    dtype = resolve_dtype(config.dtype, model_path)
+    if config.stream and can_stream(model_path):
+        checkpoint = StreamedCheckpoint(model_path, dtype)
+        checkpoint.check()  # every tensor listed, before any work
+        return checkpoint.model, checkpoint
+    model, _, _ = load_model(config.model, plugins, dtype=dtype)
+    return model, None
+
+
+def _check_model(model: nn.Module, quantizer: Quantizer,
+                 checkpoint: StreamedCheckpoint | None, plugins: PluginManager
+                 ) -> ArchitectureAdapter:
+    """Checks that need the model, before any work: group size, roles, layer names in
+    options, finite weights. Returns the model's architecture adapter."""
     adapter = adapter_for(model, plugins)
     try:
-        check_group_size(model, adapter, scheme)
+        check_group_size(model, adapter, quantizer.scheme)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     check_roles(quantizer, adapter)
@@ -341,49 +360,44 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
         checkpoint.load_outside(adapter.decoder_layers())
     else:
         check_source_weights(model)
+    return adapter
+
+
+def _layer_writer(config: RunConfig, plugins: PluginManager) -> LayerWriter | None:
+    """The format's layer-by-layer writer when the run streams its output."""
     writer = None
     if config.save is not None and config.stream:
         fmt = plugins.get("format", config.format)()
         writer = fmt.layer_writer(Path(config.save), run=_run_identity(config),
                                   resume=config.resume, max_shard_size=config.max_shard_size)
     if config.resume and writer is None:
-        raise ConfigError(f"--resume continues a layer-by-layer save: it needs --save, "
+        raise ConfigError(f"`resume` continues a layer-by-layer save: it needs `save`, "
                           f"streaming and a format that writes layer by layer (the "
                           f"{config.format!r} format saves whole models only)"
                           if config.save is not None and config.stream else
-                          "--resume continues a layer-by-layer save: give --save and "
+                          "`resume` continues a layer-by-layer save: give `save` and "
                           "leave streaming on")
+    return writer
 
-    report = run_layerwise(model, quantizer, adapter, backend, calib, plugins=run,
-                           propagation=config.propagation,
-                           batch_size=config.calibration.batch_size,
-                           error_windows=config.error_windows, progress=progress,
-                           source=checkpoint.load_layer if checkpoint is not None else None,
-                           writer=writer, modules=plugins.registry("module"),
-                           activation_budget=config.activation_budget_bytes(),
-                           offload_dir=Path(config.offload_dir) if config.offload_dir else None)
-    saved = None
-    if writer is not None:
-        saved = writer.finish(model, tokenizer,
-                              _save_metadata(config, quantizer.scheme, report)).path
-        return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config)
-    backend.install_kernels(model)
-    if config.save is not None:
-        metadata = _save_metadata(config, quantizer.scheme, report)
-        if config.max_shard_size:  # as `qcore export` passes it to the format
-            metadata["max_shard_size"] = config.max_shard_size
-        try:
-            saved = save_model(model, tokenizer, config.save, metadata, format=config.format,
-                               plugins=plugins, overwrite=config.overwrite)
-        except ValueError as exc:  # a layer the format cannot hold: keep the work anyway
-            if config.format == "qcore":
-                raise
-            rescue = _rescue_path(Path(config.save))
-            save_model(model, tokenizer, rescue, metadata, plugins=plugins)
-            raise ConfigError(f"--format {config.format}: {exc}; the quantized model was "
-                              f"saved in the qcore format at {rescue} instead") from exc
-    return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config,
-                          in_memory=model)
+
+def _save_whole(model: nn.Module, tokenizer: Any, config: RunConfig,
+                metadata: dict[str, Any], plugins: PluginManager) -> Path | None:
+    """Save a model quantized in memory; a format that refuses one of its layers still
+    gets the work kept, in the qcore format beside the asked folder."""
+    if config.save is None:
+        return None
+    if config.max_shard_size:  # as `qcore export` passes it to the format
+        metadata["max_shard_size"] = config.max_shard_size
+    try:
+        return save_model(model, tokenizer, config.save, metadata, format=config.format,
+                          plugins=plugins, overwrite=config.overwrite)
+    except ValueError as exc:
+        if config.format == "qcore":
+            raise
+        rescue = _rescue_path(Path(config.save))
+        save_model(model, tokenizer, rescue, metadata, plugins=plugins)
+        raise ConfigError(f"`format` {config.format}: {exc}; the quantized model was "
+                          f"saved in the qcore format at {rescue} instead") from exc
 
 
 def _save_metadata(config: RunConfig, scheme: QuantScheme, report: QuantizationReport
@@ -432,7 +446,7 @@ def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str
     with paging as paged:
         if paged:
             log.info("evaluating with %d modules paged in and out of memory", paged)
-        result = ev.evaluate(model, tokenizer, be, datasets(plugins))
+        result = ev.evaluate(model, tokenizer, be, RunResources(plugins))
     plugins.for_run(listeners).hook.qcore_evaluation_finished(result=result)
     return result
 

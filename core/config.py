@@ -10,62 +10,100 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qcore.errors import ConfigError
+from qcore.errors import ConfigError, validation_summary
 from qcore.interfaces import DataSpec
 from qcore.io import parse_size
 from qcore.schemes import QuantScheme, get_scheme
 
 
+def flag(group: str, help: str, *, name: str | None = None, metavar: str | None = None,
+         shown_default: str | None = None) -> dict[str, Any]:
+    """What the command line makes of a config field (``json_schema_extra``): the help
+    group it is listed in, its help, and optionally its flag name (default: the field's
+    name with dashes), metavar and the default its help shows."""
+    return {"cli": {"group": group, "help": help, "name": name, "metavar": metavar,
+                    "shown_default": shown_default}}
+
+
+DATA, METHOD, OUTPUT, ADVANCED = "model and data", "method", "output", "advanced"
+
+
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    data: DataSpec = DataSpec(source="pydoc")
-    samples: int = Field(default=128, gt=0)
-    seq_len: int = Field(default=512, gt=1)
-    sampling: Literal["consecutive", "random"] = "consecutive"
-    seed: int = 0
-    batch_size: int = Field(default=4, gt=0)
+    data: DataSpec = Field(default=DataSpec(source="pydoc"), json_schema_extra=flag(
+        DATA, "calibration text: a .txt/.jsonl file, 'pydoc', or hf:NAME:SPLIT",
+        name="calib", metavar="SOURCE", shown_default="pydoc"))
+    samples: int = Field(default=128, gt=0, json_schema_extra=flag(
+        DATA, "calibration windows", metavar="N"))
+    seq_len: int = Field(default=512, gt=1, json_schema_extra=flag(
+        DATA, "tokens per calibration window", metavar="L"))
+    sampling: Literal["consecutive", "random"] = Field(
+        default="consecutive", json_schema_extra=flag(
+            DATA, "windows from the start of the text, or at seeded random offsets"))
+    seed: int = Field(default=0, json_schema_extra=flag(DATA, "seed of `sampling` random"))
+    batch_size: int = Field(default=4, gt=0, json_schema_extra=flag(
+        ADVANCED, "calibration windows per forward", metavar="N"))
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="HF folder, hub id, .gguf file, or the alias 'smollm2'")
-    method: str = "rtn"
-    scheme: str | QuantScheme = "W4A16"
-    group_size: int | None = Field(default=None, gt=0, description="overrides the preset's")
-    observer: Literal["minmax", "mse"] | None = Field(
-        default=None, description="weight range observer; overrides the scheme's (minmax)")
-    method_config: dict[str, Any] = Field(default_factory=dict)
+    model: str = Field(json_schema_extra=flag(
+        DATA, "HF folder, .gguf file, hub id (online only), or 'smollm2' (the embedded "
+              "SmolLM2-135M-Instruct)"))
+    method: str = Field(default="rtn", json_schema_extra=flag(
+        METHOD, "quantizer name, see `qcore list-plugins`"))
+    scheme: str | QuantScheme = Field(default="W4A16", json_schema_extra=flag(
+        METHOD, "a preset (`qcore schemes`) or a scheme mapping in --config"))
+    group_size: int | None = Field(default=None, gt=0, json_schema_extra=flag(
+        METHOD, "weight group size; it must divide every layer's input features "
+                "(SmolLM2's 576 needs 64)", metavar="N", shown_default="the preset's"))
+    observer: Literal["minmax", "mse"] | None = Field(default=None, json_schema_extra=flag(
+        METHOD, "how each weight row/group range is chosen: min/max, or the MSE clip "
+                "search", shown_default="the scheme's, minmax"))
+    method_config: dict[str, Any] = Field(default_factory=dict, json_schema_extra=flag(
+        METHOD, "a field of the method's config, value in YAML (repeatable)", name="set",
+        metavar="KEY=VALUE", shown_default="none"))
     calibration: CalibrationConfig = CalibrationConfig()
-    backend: str = "cpu"
-    propagation: Literal["quantized", "full"] | None = None
-    error_windows: int | None = Field(
-        default=4, ge=0, description="calibration windows each layer's relative MSE is "
-                                     "measured on (null: all; 0: not measured, and a method "
-                                     "that needs no calibration runs no forward at all)")
-    save: str | None = None
-    overwrite: bool = Field(default=False, description="replace an existing saved model at "
-                                                       "`save` (never other folders)")
-    format: str = "qcore"
+    backend: str = Field(default="cpu", json_schema_extra=flag(
+        ADVANCED, "where layers run: a backend plugin (cpu, npu)"))
+    propagation: Literal["quantized", "full"] | None = Field(
+        default=None, json_schema_extra=flag(
+            METHOD, "next layer's inputs: the quantized or the float layer's outputs",
+            shown_default="the method's"))
+    error_windows: int | None = Field(default=4, ge=0, json_schema_extra=flag(
+        ADVANCED, "calibration windows each layer's relative MSE is measured on (null: "
+                  "all; 0: none, and a method that needs no calibration runs no forward at "
+                  "all)", metavar="N"))
+    save: str | None = Field(default=None, json_schema_extra=flag(
+        OUTPUT, "output folder, written atomically; must not exist or be empty unless "
+                "`overwrite`", metavar="DIR", shown_default="not saved"))
+    overwrite: bool = Field(default=False, json_schema_extra=flag(
+        OUTPUT, "replace an existing saved model at `save` (never a folder holding other "
+                "files, an input or the current directory)"))
+    format: str = Field(default="qcore", json_schema_extra=flag(OUTPUT, "save format plugin"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="dtype of the float model in memory; auto: the "
-                                    "checkpoint's (float32 for GGUF and undeclared)")
-    stream: bool = Field(default=True, description="load a safetensors folder one decoder "
-                                                   "layer at a time, and write the output "
-                                                   "layer by layer when the format can")
-    resume: bool = Field(default=False, description="continue an interrupted layer-by-layer "
-                                                    "save of the same run at `save`")
-    max_shard_size: str | None = Field(
-        default=None, description="largest safetensors shard of the output (the format's "
-                                  "default when null)")
-
-    activation_budget: str | None = Field(
-        default=None, description="memory the calibration activations may use, e.g. 4GB; "
-                                  "beyond it they are offloaded to disk (null: half the "
-                                  "memory available at the start)")
-    offload_dir: str | None = Field(
-        default=None, description="folder for offloaded activations (null: the system's "
-                                  "temporary folder)")
+        default="auto", json_schema_extra=flag(
+            ADVANCED, "dtype of the float model in memory; methods compute Hessians, "
+                      "searches and training in float32 per layer; auto: the checkpoint's "
+                      "(float32 for GGUF and undeclared)"))
+    stream: bool = Field(default=True, json_schema_extra=flag(
+        ADVANCED, "load the whole float model first and save it whole at the end (default: "
+                  "a safetensors folder is read, and the output written, one decoder layer "
+                  "at a time)", name="no-stream"))
+    resume: bool = Field(default=False, json_schema_extra=flag(
+        OUTPUT, "continue an interrupted run of the same configuration from the layers "
+                "already written to `save`"))
+    max_shard_size: str | None = Field(default=None, json_schema_extra=flag(
+        OUTPUT, "largest safetensors shard of the output, e.g. 500MB, 2GB", metavar="SIZE",
+        shown_default="the format's"))
+    activation_budget: str | None = Field(default=None, json_schema_extra=flag(
+        ADVANCED, "memory the calibration activations may use, e.g. 4GB; beyond it they "
+                  "go to disk and are read back a batch at a time", metavar="SIZE",
+        shown_default="half the memory available at the start"))
+    offload_dir: str | None = Field(default=None, json_schema_extra=flag(
+        ADVANCED, "folder for offloaded activations", metavar="DIR",
+        shown_default="the system's temporary folder"))
 
     #: fields that change neither the quantized tensors nor where they go
     NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("save", "overwrite", "resume", "stream",
@@ -83,12 +121,12 @@ class RunConfig(BaseModel):
     @classmethod
     def _a_budget(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_size(value, "--activation-budget")
+            parse_size(value, "`activation_budget`")
         return value
 
     def activation_budget_bytes(self) -> int | None:
         return None if self.activation_budget is None else parse_size(
-            self.activation_budget, "--activation-budget")
+            self.activation_budget, "`activation_budget`")
 
     def resolved_scheme(self) -> QuantScheme:
         if isinstance(self.scheme, QuantScheme):
@@ -106,16 +144,6 @@ class RunConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {validation_summary(exc)}") from exc
-
-
-def validation_summary(exc: ValidationError) -> str:
-    """A pydantic error as one line: ``field.path: message (got value)`` for each problem."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
-        + ("unknown field" if e["type"] == "extra_forbidden" else e["msg"])
-        + (f" (got {e['input']!r})" if "input" in e and e["type"] != "extra_forbidden"
-           and not isinstance(e["input"], dict) else "")
-        for e in exc.errors())
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:

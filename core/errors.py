@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class QcoreError(Exception):
     """Base of every deliberate qcore error."""
@@ -22,3 +24,13 @@ class SavedModelError(ConfigError):
 
 class NonFiniteError(QcoreError, FloatingPointError):
     """A NaN or infinity in a weight, an activation, a solver or a training step."""
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: message (got value)`` for each problem."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
+        + ("unknown field" if e["type"] == "extra_forbidden" else e["msg"])
+        + (f" (got {e['input']!r})" if "input" in e and e["type"] != "extra_forbidden"
+           and not isinstance(e["input"], dict) else "")
+        for e in exc.errors())

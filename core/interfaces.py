@@ -20,8 +20,8 @@ from qcore.reports import EvaluationResult
 from qcore.schemes import QuantScheme
 
 if TYPE_CHECKING:
+    from qcore.context import LayerContext
     from qcore.models.adapter import ArchitectureAdapter
-    from qcore.pipeline import LayerContext
     from qcore.plugins import PluginManager
     from qcore.quant.linear import Kernel, QuantLinear, SolvedWeight
     from qcore.schemes import QuantArgs
@@ -84,7 +84,7 @@ class Quantizer(ABC):
     def bind(self, plugins: PluginManager) -> None:
         """Resolve the plugins this method composes (a weight solver, ...) from the run's
         plugin manager and validate their options; raise ValueError naming what is wrong.
-        Called by :func:`qcore.api.build_quantizer` before any work."""
+        Called by :meth:`qcore.plugins.PluginManager.build_quantizer` before any work."""
 
     def uses_calibration(self) -> bool:
         """False when the quantized model depends on no activation (e.g. round-to-nearest
@@ -156,6 +156,32 @@ class WeightSolver(ABC):
         (out, in); ``name`` is the linear's full name, for messages."""
 
 
+class ComposesSolver(Quantizer):
+    """A method that changes a layer's float weights (smoothing, learned transforms) and
+    rounds them with the registered weight solver its config names: ``weight_method``
+    (a solver's name) and ``weight_options`` (that solver's options). :meth:`bind`
+    resolves the solver from the run's plugin manager before any work, so a misspelt name
+    or option fails up front; :meth:`weight_solver` hands it to ``quantize_layer``."""
+
+    solver: WeightSolver | None = None
+
+    def rounds_weights(self) -> bool:
+        """Whether this configuration rounds weights at all (False: transform only)."""
+        return True
+
+    def bind(self, plugins: PluginManager) -> None:
+        if self.rounds_weights():
+            self.solver = plugins.build_solver(
+                self.config.weight_method, self.config.weight_options, self.scheme.weights,
+                owner=f"{self.name} weight_method")
+
+    def weight_solver(self) -> WeightSolver:
+        if self.solver is None:
+            raise RuntimeError(f"{self.name}: bind(plugins) resolves the weight solver before "
+                               "the run (PluginManager.build_quantizer does)")
+        return self.solver
+
+
 # ----------------------------------------------------------------------------- backend
 class MemoryStats(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -175,16 +201,13 @@ class Backend(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: the accelerator one run on this backend occupies, as a cluster scheduler names it
+    #: (``GPU``; ``NPU`` as vllm-ascend registers it in Ray); None: the CPU alone
+    accelerator: ClassVar[str | None] = None
 
     @classmethod
     def is_available(cls) -> bool:
         return True
-
-    @classmethod
-    def cluster_resources(cls) -> dict[str, float]:
-        """What one study cell on this backend asks of a cluster scheduler, in Ray's
-        resource names (``CPU``, ``GPU``, or custom ones such as ``NPU``)."""
-        return {"CPU": 1.0}
 
     @property
     @abstractmethod
@@ -192,7 +215,7 @@ class Backend(ABC):
 
     @property
     def devices(self) -> list[torch.device]:
-        """Every device this backend may place decoder layers on (:mod:`qcore.placement`
+        """Every device this backend may place decoder layers on (:mod:`qcore.engine.placement`
         balances them with accelerate); :attr:`device` is the first."""
         return [self.device]
 
@@ -309,6 +332,26 @@ class TextSource(ABC):
 
     @abstractmethod
     def text(self, spec: DataSpec) -> str: ...
+
+
+class EvaluationResources(TextSource):
+    """What the core offers an evaluator besides the model (passed as ``evaluate``'s
+    ``texts``): text from a DataSpec, the model placed on a backend's devices, another
+    model (a float reference), an architecture adapter, another backend."""
+
+    @abstractmethod
+    def place(self, model: nn.Module, backend: Backend) -> nn.Module:
+        """``model`` on the backend's device, or spread over its devices."""
+
+    @abstractmethod
+    def load_model(self, source: str) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+        """(model, tokenizer, qcore metadata or None for a float model) on the CPU."""
+
+    @abstractmethod
+    def adapter_for(self, model: nn.Module) -> ArchitectureAdapter: ...
+
+    @abstractmethod
+    def backend(self, name: str) -> Backend: ...
 
 
 # ----------------------------------------------------------------------------- format

@@ -121,7 +121,7 @@ def replace_directory(source: Path, target: Path) -> None:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(size: str | int, option: str = "--max-shard-size") -> int:
+def parse_size(size: str | int, option: str = "`max_shard_size`") -> int:
     """Bytes of ``500MB``, ``2GB``, ``1GiB`` or a plain number of bytes."""
     if isinstance(size, int):
         value = size
@@ -228,7 +228,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
                      inputs: Iterable[str | os.PathLike] = (), expected_bytes: int = 0,
-                     option: str = "--save") -> Path:
+                     option: str = "`save`") -> Path:
     """Refuse, before any work, an output folder that would destroy something or cannot be
     written. Returns the absolute target. ``inputs`` are files/folders the run reads."""
     target = Path(os.path.expanduser(str(path))).resolve()
@@ -250,11 +250,11 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
         if any(not _LEFTOVER.match(e.name) for e in target.iterdir()):
             if not overwrite:
                 raise OutputError(f"{option} {path}: folder exists and is not empty; pass "
-                                  "--overwrite to replace a saved model there")
+                                  "`overwrite` to replace a saved model there")
             if not is_model_folder(target):
                 odd = sorted(e.name for e in target.iterdir() if not _is_model_file(e))
                 raise OutputError(
-                    f"{option} {path}: --overwrite only replaces a saved model folder; this "
+                    f"{option} {path}: `overwrite` only replaces a saved model folder; this "
                     f"one holds other things ({', '.join(odd[:5]) or 'no weights'})")
     clean_leftovers(target)
     base = _nearest_existing(target.parent)

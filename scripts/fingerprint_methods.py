@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tiny_model  # noqa: E402
 
 from qcore import api  # noqa: E402
-from qcore.pipeline import run_layerwise  # noqa: E402
+from qcore.engine.pipeline import run_layerwise  # noqa: E402
 from qcore.plugins import PluginManager  # noqa: E402
 from qcore.schemes import get_scheme  # noqa: E402
 

@@ -100,7 +100,7 @@ def plugins():
 def smollm2_master():
     """The real SmolLM2-135M-Instruct (float32), loaded once per session."""
     try:
-        from qcore.models.loading import smollm2_gguf
+        from qcore.engine.loading import smollm2_gguf
         smollm2_gguf()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
@@ -172,7 +172,7 @@ def hide_package(monkeypatch, package: str) -> None:
 def tiny_grid(folder, **overrides):
     """A tiny study: the tiny Qwen2 folder, RTN at three schemes, perplexity, layer-error
     and kernel-time, all on the fixture's calibration text."""
-    from qcore.study import StudyGrid
+    from qcore_study import StudyGrid
     text = {"source": str(folder / "calib.txt")}
     data = {
         "title": "tiny study",

@@ -48,7 +48,7 @@ def test_group_128_is_refused_up_front_naming_the_layers(smollm2):
 
 
 def test_gguf_loader_matches_the_cached_folder(smollm2_master):
-    from qcore.models.loading import load_gguf, smollm2_gguf
+    from qcore.engine.loading import load_gguf, smollm2_gguf
 
     model, _ = smollm2_master
     direct, tokenizer = load_gguf(smollm2_gguf())

@@ -21,14 +21,11 @@ from qcore_backends.npu import kernels
 class NPUBackend(Backend):
     name = "npu"
     description = "Ascend NPU via torch_npu (W8A8 dynamic, W8A16, W4A16 kernels)"
+    accelerator = "NPU"  # the resource name vllm-ascend registers in Ray
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self._device = torch.device(device) if device is not None else None
         self._pinned = device is not None  # one named device: no spreading over the others
-
-    @classmethod
-    def cluster_resources(cls) -> dict[str, float]:
-        return {"CPU": 1.0, "NPU": 1.0}  # the resource name vllm-ascend registers in Ray
 
     @classmethod
     def is_available(cls) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -69,3 +70,14 @@ class SafetensorsFolder:
                 return f.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise self.error(f"{self.path / shard}: cannot read {name} ({exc})") from exc
+
+
+def quantization_config(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` a model folder's config.json declares (how a
+    quantization tool stored its tensors), or None for a plain folder."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return qconfig if isinstance(qconfig, dict) else None

@@ -30,9 +30,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from qcore.context import LayerContext
 from qcore.interfaces import Quantizer, UnsupportedScheme
 from qcore.models.adapter import LinearGroup
-from qcore.pipeline import LayerContext
 from qcore.quant.folding import fold_scale
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantScheme

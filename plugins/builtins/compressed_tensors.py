@@ -47,7 +47,7 @@ from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
 from qcore.io import atomic_directory
-from qcore.models.loading import quantization_config
+from qcore.models.checkpoint import quantization_config
 from qcore.quant.kvcache import attach_static_kv, attention_modules, kv_quantizers
 from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, pack_int32, unpack_int32

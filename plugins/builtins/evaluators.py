@@ -18,8 +18,7 @@ from torch import nn
 
 from qcore.data import tokenize
 from qcore.hookspecs import hookimpl
-from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
-from qcore.placement import dispatch
+from qcore.interfaces import Backend, DataSpec, EvaluationResources, Evaluator
 from qcore.reports import EvaluationResult
 
 
@@ -69,7 +68,8 @@ class Perplexity(Evaluator):
     summary_metrics = ("perplexity",)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend,
+                 texts: EvaluationResources
                  ) -> EvaluationResult:
         cfg: PerplexityConfig = self.config
         ids = tokenize(tokenizer, texts.text(cfg.data))
@@ -81,7 +81,7 @@ class Perplexity(Evaluator):
             raise ValueError(f"windows={cfg.windows} asked but the text gives only {len(plan)} "
                              f"windows of {cfg.seq_len} tokens")
         model.eval()
-        model = dispatch(model, backend)  # over several devices when the backend has them
+        model = texts.place(model, backend)  # over several devices when it has them
         nll, scored = 0.0, 0
         with Progress(disable=not cfg.progress, transient=True) as bar:
             task = bar.add_task("perplexity", total=len(plan))

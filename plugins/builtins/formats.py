@@ -41,8 +41,7 @@ from qcore.hookspecs import hookimpl
 from qcore.hostmemory import page_out_view
 from qcore.interfaces import Format, LayerWriter, SavedModel
 from qcore.io import atomic_directory, dumps_json
-from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder
-from qcore.models.loading import quantization_config
+from qcore.models.checkpoint import INDEX_FILE, SafetensorsFolder, quantization_config
 from qcore_builtins.checkpoints import folder_tokenizer, unique_state_dict
 from qcore_builtins.qcore_writer import (
     QcoreLayerWriter,

@@ -30,7 +30,7 @@ from torch import nn
 from qcore.errors import SavedModelError
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Format, SavedModel
-from qcore.models.loading import quantization_config
+from qcore.models.checkpoint import quantization_config
 from qcore.quant.linear import QuantLinear, QuantLinearSpec
 from qcore.quant.packing import pack_codes, unpack_int32
 from qcore.quant.qparams import group_index

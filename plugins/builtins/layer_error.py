@@ -24,11 +24,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from qcore import api
 from qcore.data import WindowSpec, token_windows, tokenize
 from qcore.hookspecs import hookimpl
-from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
-from qcore.pipeline import capture_first_layer_inputs, relative_mse
+from qcore.interfaces import Backend, DataSpec, EvaluationResources, Evaluator
+from qcore.models.capture import capture_first_layer_inputs
+from qcore.quant.metrics import relative_mse
 from qcore.reports import EvaluationResult
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class LayerError(Evaluator):
     description = "per-layer output error vs the float model, alone and accumulated (+ plot)"
     summary_metrics = ("max_alone", "worst_over_median", "worst_layer", "final_accumulated")
 
-    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend,
+                 texts: EvaluationResources
                  ) -> EvaluationResult:
         cfg: LayerErrorConfig = self.config
         plot = None
@@ -125,16 +126,16 @@ class LayerError(Evaluator):
                                 WindowSpec(samples=n, seq_len=cfg.seq_len))
         except ValueError as exc:
             raise ValueError(f"{cfg.data.source}: {exc}") from exc
-        reference, _, meta = api.load_model(cfg.reference, backend=None)
+        reference, _, meta = texts.load_model(cfg.reference)
         if meta is not None:
             raise ValueError(f"reference {cfg.reference} is a quantized model; give the "
                              "float one")
-        adapters = (api.adapter_for(model), api.adapter_for(reference))
+        adapters = (texts.adapter_for(model), texts.adapter_for(reference))
         model.eval()
         curves = {backend.name: layer_errors(model, reference, ids, backend, cfg.batch_size,
                                              adapters)}
         if backend.name != "cpu":
-            cpu = api.build_backend("cpu")
+            cpu = texts.backend("cpu")
             cpu.install_kernels(model)
             curves["cpu"] = layer_errors(model.to(cpu.device), reference, ids, cpu,
                                          cfg.batch_size, adapters)

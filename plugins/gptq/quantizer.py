@@ -1,5 +1,6 @@
 """The GPTQ quantizer: true-sequential Hessian collection per decoder layer, then GPTQ per
-linear (see :mod:`qcore.quant.gptq` for the solver).
+linear (see :mod:`qcore_gptq.solve` for the solve; the Hessians are
+:class:`qcore.quant.hessian.HessianAccumulator`).
 
 Inside a decoder layer the linears are processed in the adapter's sequential groups (for
 Llama: k/v/q, then o, then up/gate, then down). A group's Hessians are collected from a
@@ -13,24 +14,27 @@ pass runs only the submodule.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from qcore.context import LayerContext
 from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
 from qcore.models.adapter import LayerRoles
-from qcore.pipeline import LayerContext
-from qcore.quant.gptq import (
-    HessianAccumulator,
+from qcore.quant.hessian import HessianAccumulator
+from qcore.quant.linear import QuantLinear, SolvedWeight
+from qcore.quant.qparams import fake_quantize_weight
+from qcore.schemes import QuantScheme
+from qcore_gptq.solve import (
+    GPTQOptions,
+    GPTQResult,
     factor_hessian,
     gptq_quantize,
     objective,
 )
-from qcore.quant.linear import QuantLinear, SolvedWeight
-from qcore.quant.qparams import fake_quantize_weight
-from qcore.schemes import QuantScheme
 from qcore_gptq.solver import GPTQSolverConfig
 
 
@@ -172,6 +176,102 @@ class _Stage:
         return self.absmax[self.alias.get(name, name)]
 
 
+def _check_linears(ctx: LayerContext, group: list[str]) -> None:
+    for name in group:
+        if not isinstance(ctx.submodule(name), nn.Linear):
+            raise TypeError(f"{ctx.name}.{name} is {type(ctx.submodule(name)).__name__},"
+                            " not nn.Linear")
+
+
+def _by_hessian(stage: _Stage, group: list[str]) -> list[list[str]]:
+    """The group's linears by the Hessian they share (fed the same input tensor): one
+    factorisation each, and their weights stacked row-wise go through one solve (GPTQ
+    treats rows independently)."""
+    shared: dict[int, list[str]] = {}
+    for name in group:
+        shared.setdefault(id(stage.hessian(name)), []).append(name)
+    return list(shared.values())
+
+
+@dataclass
+class _Passes:
+    """The Hessian passes of one decoder layer, one per sequential group, and what a pass
+    hands the next: where it starts (``entry``: '' = the layer with its cached inputs, else
+    a submodule with the ``entry_inputs`` the previous pass captured), o_proj's inputs to
+    rebuild the MLP's inputs from, and the residual stream when the layer's outputs are
+    assembled from the last pass's activations."""
+
+    ctx: LayerContext
+    roles: LayerRoles
+    groups: list[list[str]]
+    track_absmax: bool  # static activation scales: record the inputs' ranges
+    reuse: bool         # keep the residual stream (GPTQQuantizer._reuse_fits)
+    # inputs offloaded to disk (over the activation budget): keep no activations in
+    # memory between passes; each group's pass runs from the layer's inputs
+    lean: bool
+    entry: str = ""
+    entry_inputs: list[tuple[tuple, dict]] | None = None
+    o_inputs: list[torch.Tensor | None] | None = None
+    residuals: list[torch.Tensor] | None = None  # x + o_proj(o_in), per batch when reused
+    seconds: float = 0.0
+
+    def _capture(self, k: int) -> str | None:
+        """The submodule whose inputs pass ``k`` keeps for the next one: the deepest module
+        holding this group and the next, when this pass runs through it."""
+        if k + 1 < len(self.groups) and not self.lean:
+            parent = _common_parent(self.groups[k] + self.groups[k + 1])
+            if parent and _inside(parent, self.entry):
+                return parent
+        return None
+
+    def _keep(self, k: int) -> tuple[str | None, bool]:
+        """The member whose inputs pass ``k`` keeps per batch (o_proj's, to rebuild the MLP's
+        inputs; down_proj's, for the layer's outputs) and whether it is that last pass."""
+        group, roles = self.groups[k], self.roles
+        keep = None
+        if k + 1 < len(self.groups) and _mlp_of(roles) and group == [roles.o] and not self.lean:
+            keep = roles.o
+        last_down = (k == len(self.groups) - 1 and self.residuals is not None
+                     and group == [roles.down] and self.entry == roles.mlp)
+        if last_down:  # the layer's outputs come from this pass's activations
+            keep = roles.down
+        return keep, last_down
+
+    def collect(self, k: int) -> tuple[_Stage, bool]:
+        """Pass ``k``: group k's Hessians (in the returned stage), and whether :meth:`finish`
+        assembles the layer's outputs from it."""
+        ctx, roles = self.ctx, self.roles
+        capture = self._capture(k)
+        t0 = time.perf_counter()
+        if self.o_inputs is not None and capture == _mlp_of(roles):
+            rebuilt = _mlp_inputs_from_o(ctx, self.o_inputs, keep_residuals=self.reuse)
+            if rebuilt is not None:
+                self.entry, self.entry_inputs = capture, rebuilt[0]
+                self.residuals = rebuilt[1]
+            del rebuilt
+        self.o_inputs = None
+        keep, last_down = self._keep(k)
+        stage = _Stage(ctx, self.groups[k], self.track_absmax, keep=keep)
+        captured = stage.run(self.entry, self.entry_inputs, capture)
+        self.entry_inputs = None  # let the previous pass's activations go
+        if keep == roles.o and len(stage.kept) == len(ctx.inputs):
+            self.o_inputs, stage.kept = stage.kept, []
+        self.seconds += time.perf_counter() - t0
+        self.entry, self.entry_inputs = (capture, captured) if capture else ("", None)
+        return stage, last_down
+
+    def finish(self, stage: _Stage, last_down: bool) -> None:
+        """After the group's solves: on the last down_proj pass, the quantized layer's
+        outputs from the residual stream and down_proj's kept inputs."""
+        if not last_down:
+            return
+        assert self.residuals is not None
+        if len(stage.kept) == len(self.ctx.inputs):
+            self.ctx.quantized_outputs = _assemble_outputs(self.ctx, self.roles,
+                                                           self.residuals, stage.kept)
+        self.residuals = None
+
+
 class GPTQQuantizer(Quantizer):
     name = "gptq"
     Config = GPTQConfig
@@ -200,132 +300,96 @@ class GPTQQuantizer(Quantizer):
 
     @torch.no_grad()
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
-        cfg = self.config
         act = self.scheme.activations
-        static_act = act is not None and not act.dynamic
-        mse = cfg.clip()
+        options = self.config.options()
         groups = self._groups(ctx)
         roles = ctx.adapter.roles()
+        passes = _Passes(ctx, roles, groups, track_absmax=act is not None and not act.dynamic,
+                         reuse=self._reuse_fits(ctx, roles), lean=ctx.offloaded)
         stats: dict[str, Any] = {}
-        entry, entry_inputs = "", None
-        o_inputs: list[torch.Tensor | None] | None = None
-        reuse = self._reuse_fits(ctx, roles)
-        # inputs offloaded to disk (over the activation budget): keep no activations in
-        # memory between passes; each group's pass runs from the layer's inputs
-        lean = ctx.offloaded
-        residuals: list[torch.Tensor] | None = None  # x + o_proj(o_in), per batch when reused
-        hessian_seconds = 0.0
         total_loss = 0.0
         total_rtn = 0.0
         for k, group in enumerate(groups):
-            for name in group:
-                if not isinstance(ctx.submodule(name), nn.Linear):
-                    raise TypeError(f"{ctx.name}.{name} is {type(ctx.submodule(name)).__name__},"
-                                    " not nn.Linear")
-            capture = None
-            if k + 1 < len(groups) and not lean:
-                parent = _common_parent(group + groups[k + 1])
-                if parent and _inside(parent, entry):
-                    capture = parent
-            t0 = time.perf_counter()
-            if o_inputs is not None and capture == _mlp_of(roles):
-                rebuilt = _mlp_inputs_from_o(ctx, o_inputs, keep_residuals=reuse)
-                if rebuilt is not None:
-                    (entry, entry_inputs), residuals = (capture, rebuilt[0]), rebuilt[1]
-                del rebuilt
-            o_inputs = None
-            keep = None
-            if k + 1 < len(groups) and _mlp_of(roles) and group == [roles.o] and not lean:
-                keep = roles.o
-            last_down = (k == len(groups) - 1 and residuals is not None
-                         and group == [roles.down] and entry == roles.mlp)
-            if last_down:  # the layer's outputs come from this pass's activations
-                keep = roles.down
-            stage = _Stage(ctx, group, static_act, keep=keep)
-            captured = stage.run(entry, entry_inputs, capture)
-            entry_inputs = None  # let the previous pass's activations go
-            if keep == roles.o and len(stage.kept) == len(ctx.inputs):
-                o_inputs, stage.kept = stage.kept, []
-            hessian_seconds += time.perf_counter() - t0
-            entry, entry_inputs = (capture, captured) if capture else ("", None)
-            del captured
-            # linears fed the same input share one Hessian: one factorisation, and their
-            # weights stacked row-wise go through one solve (GPTQ treats rows independently)
-            shared: dict[int, list[str]] = {}
-            for name in group:
-                shared.setdefault(id(stage.hessian(name)), []).append(name)
-            for names in shared.values():
-                t1 = time.perf_counter()
-                acc = stage.hessian(names[0])
-                linears = [ctx.submodule(n) for n in names]
-                # the passes' freed activations fragment the heap; hand them back before
-                # the columns x columns temporaries (three of 321 MB at 8960)
-                ctx.backend.empty_cache()
-                label = f"{ctx.name}.{'/'.join(names)}"
-                factor = factor_hessian(
-                    acc.H, act_order=cfg.act_order, damp=cfg.damp, damp_step=cfg.damp_step,
-                    damp_max_steps=cfg.damp_max_steps, cholesky=ctx.backend.cholesky,
-                    cholesky_inverse=ctx.backend.cholesky_inverse, name=label)
-                weight = linears[0].weight if len(linears) == 1 else \
-                    torch.cat([lin.weight for lin in linears])
-                result = gptq_quantize(
-                    weight, acc.H, self.scheme.weights, block_size=cfg.block_size,
-                    act_order=cfg.act_order, static_groups=cfg.static_groups, mse=mse,
-                    factor=factor, name=label, loss=False)
-                del weight, factor
-                solve_seconds = time.perf_counter() - t1
-                start = 0
-                for name, linear in zip(names, linears, strict=True):
-                    rows = slice(start, start + linear.out_features)
-                    start = rows.stop
-                    Q = result.Q[rows]
-                    loss = objective(linear.weight, Q, acc.H)
-                    rtn = objective(linear.weight, fake_quantize_weight(
-                        linear.weight.float(), self.scheme.weights), acc.H)
-                    # own copies: a view of the stacked result would share its storage
-                    # with the other linears' tensors (and be saved as one)
-                    q = QuantLinear.from_solved(
-                        linear, SolvedWeight(Q, result.scale[rows].clone(),
-                                             result.zero[rows].clone(), result.g_idx.clone()),
-                        self.scheme.weights, activations=self.scheme.activations)
-                    if static_act:
-                        m = stage.input_absmax(name).max()
-                        stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
-                    ctx.replace(name, q)
+            _check_linears(ctx, group)
+            stage, last_down = passes.collect(k)
+            for names in _by_hessian(stage, group):
+                for loss, rtn in self._solve_shared(ctx, stage, names, options, stats):
                     total_loss += loss
                     total_rtn += rtn
-                    stats[f"{name}.loss"] = loss
-                    stats[f"{name}.rtn_loss"] = rtn
-                    stats[f"{name}.damp"] = result.damp
-                    if result.damp_raises:
-                        stats[f"{name}.damp_raises"] = result.damp_raises
-                    if result.dead:
-                        stats[f"{name}.dead_inputs"] = result.dead
-                    # a shared solve's time, split by rows
-                    stats[f"{name}.seconds"] = solve_seconds * linear.out_features / len(
-                        result.Q)
-                    ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
-                                  ctx.name, name, loss, rtn, result.damp, acc.tokens)
-                del result
-            if last_down:
-                assert residuals is not None
-                if len(stage.kept) == len(ctx.inputs):
-                    ctx.quantized_outputs = _assemble_outputs(ctx, roles, residuals,
-                                                              stage.kept)
-                residuals = None
+            passes.finish(stage, last_down)
             del stage
         ctx.backend.empty_cache()  # the solver's temporaries fragment the heap
         stats["loss"] = total_loss
         stats["rtn_loss"] = total_rtn
-        stats["hessian_seconds"] = hessian_seconds
+        stats["hessian_seconds"] = passes.seconds
         return stats
+
+    def _solve_shared(self, ctx: LayerContext, stage: _Stage, names: list[str],
+                      options: GPTQOptions, stats: dict[str, Any]) -> list[tuple[float, float]]:
+        """One GPTQ solve of the linears ``names`` (fed one input, sharing its Hessian) with
+        their weights stacked row-wise, each linear then replaced by its QuantLinear.
+        Returns each one's (GPTQ, RTN) objective."""
+        t1 = time.perf_counter()
+        acc = stage.hessian(names[0])
+        linears = [ctx.submodule(n) for n in names]
+        # the passes' freed activations fragment the heap; hand them back before
+        # the columns x columns temporaries (three of 321 MB at 8960)
+        ctx.backend.empty_cache()
+        label = f"{ctx.name}.{'/'.join(names)}"
+        factor = factor_hessian(acc.H, options, linalg=ctx.backend, name=label)
+        weight = linears[0].weight if len(linears) == 1 else \
+            torch.cat([lin.weight for lin in linears])
+        result = gptq_quantize(weight, acc.H, self.scheme.weights, options, factor=factor,
+                               name=label, loss=False)
+        del weight, factor
+        solve_seconds = time.perf_counter() - t1
+        losses = []
+        start = 0
+        for name, linear in zip(names, linears, strict=True):
+            rows = slice(start, start + linear.out_features)
+            start = rows.stop
+            loss, rtn = self._replace(ctx, stage, name, linear, result, rows, stats)
+            # a shared solve's time, split by rows
+            stats[f"{name}.seconds"] = solve_seconds * linear.out_features / len(result.Q)
+            ctx.log.debug("%s.%s: GPTQ loss %.4g (RTN %.4g), damp %.4g, %d tokens",
+                          ctx.name, name, loss, rtn, result.damp, acc.tokens)
+            losses.append((loss, rtn))
+        return losses
+
+    def _replace(self, ctx: LayerContext, stage: _Stage, name: str, linear: nn.Linear,
+                 result: GPTQResult, rows: slice, stats: dict[str, Any]) -> tuple[float, float]:
+        """Replace ``linear`` by the QuantLinear of its ``rows`` of the (stacked) solve and
+        record its stats; returns its GPTQ and RTN objectives."""
+        H = stage.hessian(name).H
+        Q = result.Q[rows]
+        loss = objective(linear.weight, Q, H)
+        rtn = objective(linear.weight, fake_quantize_weight(
+            linear.weight.float(), self.scheme.weights), H)
+        # own copies: a view of the stacked result would share its storage
+        # with the other linears' tensors (and be saved as one)
+        q = QuantLinear.from_solved(
+            linear, SolvedWeight(Q, result.scale[rows].clone(), result.zero[rows].clone(),
+                                 result.g_idx.clone()),
+            self.scheme.weights, activations=self.scheme.activations)
+        if stage.track_absmax:  # static activation scales
+            m = stage.input_absmax(name).max()
+            stats[f"{name}.input_scale"] = q.set_input_range(-m, m)
+        ctx.replace(name, q)
+        stats[f"{name}.loss"] = loss
+        stats[f"{name}.rtn_loss"] = rtn
+        stats[f"{name}.damp"] = result.damp
+        if result.damp_raises:
+            stats[f"{name}.damp_raises"] = result.damp_raises
+        if result.dead:
+            stats[f"{name}.dead_inputs"] = result.dead
+        return loss, rtn
 
     def _reuse_fits(self, ctx: LayerContext, roles: LayerRoles) -> bool:
         """Whether down_proj's inputs and the residual stream of every batch fit the
         budget (in float32, the precision the layer runs in)."""
         if roles.down is None or _mlp_of(roles) is None or not ctx.inputs:
             return False
-        if ctx.offloaded:  # see `lean` in quantize_layer
+        if ctx.offloaded:  # see _Passes.lean
             return False
         tokens = sum(ctx.batch_tokens())
         features = ctx.submodule(roles.down).in_features + ctx.batch_shapes()[0][-1]

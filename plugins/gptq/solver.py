@@ -8,9 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from qcore.interfaces import Backend, UnsupportedScheme, WeightSolver
-from qcore.quant.gptq import MSEClip, gptq_quantize
 from qcore.quant.linear import SolvedWeight
+from qcore.quant.observers import MSEClip
 from qcore.schemes import QuantArgs
+from qcore_gptq.solve import GPTQOptions, gptq_quantize
 
 
 class GPTQSolverConfig(BaseModel):
@@ -51,6 +52,13 @@ class GPTQSolverConfig(BaseModel):
         return MSEClip(self.mse_grid, self.mse_max_shrink, self.mse_norm) \
             if self.mse_clip else None
 
+    def options(self) -> GPTQOptions:
+        """These options as the solve's (:func:`qcore_gptq.solve.gptq_quantize`)."""
+        return GPTQOptions(
+            block_size=self.block_size, act_order=self.act_order,
+            static_groups=self.static_groups, damp=self.damp, damp_step=self.damp_step,
+            damp_max_steps=self.damp_max_steps, mse=self.clip())
+
 
 class GPTQSolver(WeightSolver):
     name = "gptq"
@@ -68,10 +76,7 @@ class GPTQSolver(WeightSolver):
         if hessian is None:
             raise ValueError(f"{name}: the gptq solver needs the input Hessian")
         cfg: GPTQSolverConfig = self.config
-        res = gptq_quantize(
-            weight.detach(), hessian, args, block_size=cfg.block_size, act_order=cfg.act_order,
-            static_groups=cfg.static_groups, damp=cfg.damp, damp_step=cfg.damp_step,
-            damp_max_steps=cfg.damp_max_steps, mse=cfg.clip(), cholesky=backend.cholesky,
-            cholesky_inverse=backend.cholesky_inverse, name=name)
+        res = gptq_quantize(weight.detach(), hessian, args, cfg.options(), linalg=backend,
+                            name=name)
         return SolvedWeight(weight=res.Q, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
                             stats={"loss": res.loss, "damp": res.damp})

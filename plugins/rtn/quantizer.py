@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from qcore.context import LayerContext
 from qcore.interfaces import LayerNameList, Quantizer, UnsupportedScheme
-from qcore.pipeline import LayerContext
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantScheme
 

@@ -34,10 +34,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from qcore import api
-from qcore.interfaces import LayerNameList, Quantizer, WeightSolver
+from qcore.context import AbsmaxObserver, LayerContext
+from qcore.interfaces import ComposesSolver, LayerNameList
 from qcore.models.adapter import ArchitectureAdapter, LinearGroup
-from qcore.pipeline import AbsmaxObserver, LayerContext
 from qcore.quant.folding import fold_scale
 from qcore.quant.kvcache import (
     KVCacheQuantizer,
@@ -176,7 +175,7 @@ def calibrate_static_inputs(ctx: LayerContext, names: list[str]) -> dict[str, fl
     return out
 
 
-class SmoothQuantQuantizer(Quantizer):
+class SmoothQuantQuantizer(ComposesSolver):
     name = "smoothquant"
     Config = SmoothQuantConfig
     description = "SmoothQuant: per-channel smoothing folded into norms, then W8A8 (+KV8)"
@@ -188,23 +187,15 @@ class SmoothQuantQuantizer(Quantizer):
 
     def __init__(self, config: SmoothQuantConfig, scheme: QuantScheme) -> None:
         super().__init__(config, scheme)
-        self.solver: WeightSolver | None = None
         self._observer: AbsmaxObserver | None = None
 
-    def bind(self, plugins: Any) -> None:
-        """The weight solver, from the run's plugin manager, with validated options."""
-        if not self.config.quantize:
-            return
-        self.solver = api.build_solver(self.config.weight_method, self.config.weight_options,
-                                       self.scheme.weights, plugins,
-                                       owner="smoothquant weight_method")
+    def rounds_weights(self) -> bool:
+        return self.config.quantize
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         if not self.config.quantize:
             return
-        if self.solver is None:
-            raise RuntimeError("smoothquant: bind(plugins) resolves the weight solver before "
-                               "the run (qcore.api.build_quantizer does)")
+        self.weight_solver()  # bound before the run
         kv = self.scheme.kv_cache
         if kv is not None and kv.dynamic:
             enable_kv_quantization(model, KVCacheSpec(keys=kv, values=kv))
@@ -226,7 +217,7 @@ class SmoothQuantQuantizer(Quantizer):
         floats = {n: ctx.submodule(n) for n in ctx.adapter.linear_names()
                   if n not in self.config.skip}
         stats.update(ctx.solve_linears(
-            self.solver, floats, self.scheme.weights,
+            self.weight_solver(), floats, self.scheme.weights,
             activations=activation_args(self.scheme, self.config.activation_mode)))
         if self.config.activation_mode == "static":
             stats.update(calibrate_static_inputs(ctx, ctx.adapter.linear_names()))

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from qcore import api
-from qcore.activations import DiskActivations, plan_activations
 from qcore.cli import main
+from qcore.engine.activations import DiskActivations, plan_activations
+from qcore.engine.pipeline import run_layerwise
 from qcore.errors import ConfigError
-from qcore.pipeline import run_layerwise
 from qcore.schemes import get_scheme
 
 
@@ -33,8 +33,8 @@ def test_offloaded_batches_read_back_bit_identical_in_their_own_dtype(tmp_path):
 
 
 def test_the_plan_offloads_beyond_the_budget_and_refuses_less_than_one_batch(tmp_path):
-    args = dict(windows=128, seq_len=512, hidden=1536, batch_size=4, storage=torch.bfloat16,
-                work=torch.float32, all_fp_outputs=False, directory=tmp_path)
+    args = dict(windows=128, seq_len=512, hidden=1536, batch_size=4,
+                dtypes=(torch.bfloat16, torch.float32), all_fp_outputs=False, directory=tmp_path)
     per_window = 512 * 1536
     plan = plan_activations(**args, budget_bytes=2**40)
     assert not plan.offload and plan.in_memory_bytes == 128 * per_window * (4 + 2)
@@ -53,7 +53,7 @@ def test_offloading_needs_the_disk_space_and_says_how_much(tmp_path, monkeypatch
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(1, 1, 1))
     with pytest.raises(ConfigError, match=f"{tmp_path} has only 1 B free"):
-        plan_activations(128, 512, 1536, 4, torch.float32, torch.float32, True,
+        plan_activations(128, 512, 1536, 4, (torch.float32, torch.float32), True,
                          budget_bytes=100 * 2**20, directory=tmp_path)
 
 

@@ -170,16 +170,16 @@ def test_a_bf16_checkpoint_stays_bf16_and_quantizes_like_float32(tmp_path, tiny_
 
 
 def test_error_windows_zero_runs_no_forward_for_rtn(deep_folder, monkeypatch):
-    import qcore.pipeline
+    import qcore.engine.pipeline
 
     layer_calls = []
-    real = qcore.pipeline.LayerContext.forward
+    real = qcore.engine.pipeline.LayerContext.forward
 
     def counting(self, *args, **kwargs):
         layer_calls.append(len(self.inputs))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(qcore.pipeline.LayerContext, "forward", counting)
+    monkeypatch.setattr(qcore.engine.pipeline.LayerContext, "forward", counting)
     result = api.quantize(_config(deep_folder, method="rtn", error_windows=0), progress=False)
     assert set(layer_calls) == {0}  # no batch ever went through a layer
     assert all(math.isnan(x.relative_mse) for x in result.report.layers)

@@ -41,7 +41,7 @@ def test_quantize_from_yaml_config_with_overrides(tiny_folder, capsys):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--group-size", "128"], "group_size 128 does not divide"),
+    (["--group-size", "128"], "--group-size 128 does not divide"),
     (["--set", "colour=red"], "colour"),
     (["--method", "nope"], "no quantizer named 'nope'"),
     (["--scheme", "W5A5"], "unknown scheme"),
@@ -95,7 +95,7 @@ def test_corrupt_config_json_names_the_line(tiny_folder, capsys, no_model_load):
 
 
 def test_truncated_gguf_is_named(tmp_path, capsys):
-    from qcore.models.loading import smollm2_gguf
+    from qcore.engine.loading import smollm2_gguf
 
     try:
         data = smollm2_gguf().read_bytes()
@@ -159,7 +159,7 @@ def test_default_group_size_that_cannot_work_is_explained(tiny_folder, capsys):
     args = rtn_args(tiny_folder)
     i = args.index("--group-size")
     del args[i:i + 2]
-    _fails_with(args, capsys, "group_size 128 does not divide", "pass --group-size 64")
+    _fails_with(args, capsys, "--group-size 128 does not divide", "pass --group-size 64")
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):

@@ -82,7 +82,7 @@ def test_nan_produced_by_a_method_stops_the_run_naming_layer_and_tensor(tiny_lla
 
 
 def test_gptq_hessian_of_non_finite_inputs_says_so():
-    from qcore.quant.gptq import inverse_cholesky_upper
+    from qcore_gptq.solve import inverse_cholesky_upper
 
     H = torch.eye(8)
     H[2, 3] = float("nan")
@@ -92,7 +92,7 @@ def test_gptq_hessian_of_non_finite_inputs_says_so():
 
 
 def test_gptq_cholesky_failure_of_a_finite_hessian_says_its_inputs_were_finite():
-    from qcore.quant.gptq import CholeskyFailed, inverse_cholesky_upper
+    from qcore_gptq.solve import CholeskyFailed, inverse_cholesky_upper
 
     H = -torch.eye(4)
     with pytest.raises(CholeskyFailed, match="finite, from finite inputs"):
@@ -111,7 +111,7 @@ def test_flatquant_non_finite_training_step_names_layer_epoch_and_step(
         loss = real(a, b, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr("qcore_flatquant.quantizer.F.mse_loss", poisoned)
+    monkeypatch.setattr("qcore_flatquant.training.F.mse_loss", poisoned)
     with pytest.raises(NonFiniteError, match=r"model.layers.1, epoch 0, step 0: training loss "
                                              r"is nan \(started at .*lower lr"):
         api.quantize(_config("flatquant", scheme="W4A4", epochs=1), model=tiny_llama,

@@ -195,5 +195,5 @@ def test_sizes_parse_with_units_and_bad_ones_are_named():
     assert parse_size("1GiB") == 2**30 and parse_size("1.5kb") == 1500
     assert parse_size(4096) == 4096 and parse_size("123") == 123
     for bad in ("lots", "5 XB", "0MB"):
-        with pytest.raises(ConfigError, match=rf"--max-shard-size {bad!r}"):
+        with pytest.raises(ConfigError, match=rf"`max_shard_size` {bad!r}"):
             parse_size(bad)

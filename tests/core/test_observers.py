@@ -65,11 +65,12 @@ def test_observer_is_chosen_per_run_and_recorded_in_the_scheme():
 
 
 def test_gptq_with_the_mse_observer_equals_its_mse_clip_option():
-    from qcore.quant.gptq import HessianAccumulator, gptq_quantize
+    from qcore.quant.hessian import HessianAccumulator
+    from qcore_gptq.solve import GPTQOptions, gptq_quantize
 
     w = _weight()
     acc = HessianAccumulator(64)
     acc.add(torch.randn(256, 64, generator=torch.Generator().manual_seed(1)))
-    a = gptq_quantize(w, acc.H, MINMAX, mse=MSEClip())
+    a = gptq_quantize(w, acc.H, MINMAX, GPTQOptions(mse=MSEClip()))
     b = gptq_quantize(w, acc.H, MSE)
     assert torch.equal(a.Q, b.Q) and torch.equal(a.scale, b.scale)

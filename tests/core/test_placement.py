@@ -1,4 +1,4 @@
-"""Placement over several devices (qcore.placement). No machine here has two accelerators:
+"""Placement over several devices (qcore.engine.placement). No machine here has two accelerators:
 the device maps are checked as decisions (accelerate's balanced map over the devices'
 memory), and the pipeline's path through them runs on CPU devices."""
 
@@ -9,9 +9,10 @@ import textwrap
 import torch
 
 from qcore import api
+from qcore.context import LayerContext
+from qcore.engine.pipeline import run_layerwise
+from qcore.engine.placement import layer_devices, model_device_map
 from qcore.interfaces import MemoryStats
-from qcore.pipeline import LayerContext, run_layerwise
-from qcore.placement import layer_devices, model_device_map
 from qcore.schemes import get_scheme
 from qcore_backends.cpu.backend import CPUBackend
 
@@ -94,7 +95,7 @@ def test_the_npu_backend_offers_every_visible_device_unless_given_one():
         import sys, types, torch
         sys.path.insert(0, "tests")
         from conftest import fake_torch_npu, make_tiny_model
-        from qcore.placement import layer_devices, model_device_map
+        from qcore.engine.placement import layer_devices, model_device_map
         from qcore_backends.npu.backend import NPUBackend
         layers = make_tiny_model("llama", num_hidden_layers=4).model.layers
         torch.utils.rename_privateuse1_backend("npu")

@@ -49,7 +49,7 @@ def test_duplicate_registration_keeps_the_first_and_reports_the_second():
 
 
 def _fake_entry_points(monkeypatch, eps):
-    monkeypatch.setattr("qcore.plugins.entry_points", lambda group: eps)
+    monkeypatch.setattr("qcore.plugins.discovery.entry_points", lambda group: eps)
 
 
 def test_broken_plugin_is_reported_and_others_still_work(monkeypatch):
@@ -139,7 +139,7 @@ def _with_third_party(monkeypatch, name, obj):
     ep = EntryPoint(name=name, value="tests_fake:plugin", group="qcore")
     monkeypatch.setattr(EntryPoint, "load", lambda self: module if self.name == name
                         else __import__(self.module, fromlist=["_"]))
-    monkeypatch.setattr("qcore.plugins.entry_points",
+    monkeypatch.setattr("qcore.plugins.discovery.entry_points",
                         lambda group: [*real(group=group), ep])
 
 

@@ -1,4 +1,4 @@
-"""Streaming a safetensors folder one decoder layer at a time (qcore.models.streaming)."""
+"""Streaming a safetensors folder one decoder layer at a time (qcore.engine.streaming)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qcore.engine.loading import load_float_model
+from qcore.engine.streaming import StreamedCheckpoint, can_stream, resolve_dtype
 from qcore.errors import ConfigError, NonFiniteError
-from qcore.models.loading import load_float_model
-from qcore.models.streaming import StreamedCheckpoint, can_stream, resolve_dtype
 
 
 def _folder(tmp_path, tiny_tokenizer, kind="llama", shard=None, dtype=torch.float32, **kw):
@@ -134,8 +134,8 @@ class _PagingSpy:
 def test_a_float32_folder_evaluates_the_same_with_its_layers_paged(
         tmp_path, tiny_tokenizer, plugins, monkeypatch):
     from qcore import api
+    from qcore.engine.streaming import mapped_bytes
     from qcore.interfaces import DataSpec
-    from qcore.models.streaming import mapped_bytes
 
     folder = _folder(tmp_path, tiny_tokenizer, "qwen2", "100KB")
     (tmp_path / "t.txt").write_text("Some evaluation prose about code. " * 200)

@@ -10,7 +10,7 @@ from conftest import CollectLayerReports, make_tiny_model
 
 from qcore import api
 from qcore.config import parse_assignments
-from qcore.pipeline import run_layerwise
+from qcore.engine.pipeline import run_layerwise
 from qcore.quant.linear import QuantLinear
 from qcore.quant.qparams import fake_quantize_weight
 from qcore.schemes import get_scheme

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from qcore.errors import ConfigError
 from qcore.schemes import get_scheme
+from qcore_flatquant.config import FlatQuantConfig
 from qcore_flatquant.matrices import (
     fingerprint,
     identity,
@@ -13,7 +14,6 @@ from qcore_flatquant.matrices import (
     matrix_file,
     save_matrices,
 )
-from qcore_flatquant.quantizer import FlatQuantConfig
 
 
 def _ident(**config):

@@ -10,9 +10,9 @@ from conftest import CollectLayerReports
 from torch import nn
 
 from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
+from qcore.engine.pipeline import run_layerwise
 from qcore.interfaces import UnsupportedScheme
 from qcore.models.adapter import LlamaLikeAdapter
-from qcore.pipeline import run_layerwise
 from qcore.quant.kvcache import (
     ATTN_IMPLEMENTATION,
     KVCacheQuantizer,
@@ -21,12 +21,10 @@ from qcore.quant.kvcache import (
 )
 from qcore.quant.linear import QuantLinear, replace_module
 from qcore.schemes import QuantArgs, QuantScheme, get_scheme
-from qcore_flatquant.quantizer import (
-    FlatQuantConfig,
-    LayerTransforms,
-    fold_layer,
-    training_layer,
-)
+from qcore_flatquant.config import FlatQuantConfig
+from qcore_flatquant.folding import fold_layer
+from qcore_flatquant.learnables import LayerTransforms
+from qcore_flatquant.training import training_layer
 from qcore_flatquant.transforms import FlatQuantKeyTransform, FlatQuantTransform
 
 A = LlamaLikeAdapter
@@ -36,9 +34,9 @@ ROLES = {"q": A.Q, "k": A.K, "v": A.V, "o": A.O, "gate": A.GATE, "up": A.UP, "do
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _random_owners(model, seed=0):
+def _random_owners(model, seed=0, **options):
     """Random (non-orthogonal, non-trivial) transforms and scales for every layer."""
-    cfg = FlatQuantConfig()
+    cfg = FlatQuantConfig(**options)
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
     owners = []
@@ -174,7 +172,7 @@ def test_ascend_variant_is_msmodelslims_flatquant(tiny_qwen2, calib_ids, plugins
 
 def test_training_fake_quant_of_the_ascend_variant_is_the_deployed_quantizer():
     from qcore.quant.qparams import fake_quantize_activation
-    from qcore_flatquant.quantizer import fake_quant_tokens_ste
+    from qcore_flatquant.learnables import fake_quant_tokens_ste
 
     act = QuantArgs(bits=4, symmetric=True, granularity="token", dynamic=True)
     x = torch.randn(7, 48, generator=torch.Generator().manual_seed(2)) * 3
@@ -234,7 +232,8 @@ def test_gptq_composition_lowers_error(tiny_llama, calib_ids, plugins):
     """weight_method=gptq rounds the folded weights with the gptq plugin's solver against the
     Hessian of the transformed, quantized inputs: never worse than RTN of the same
     transforms on the calibration data, and still a QuantLinear with its transform."""
-    pytest.importorskip("qcore.quant.gptq")
+    if "gptq" not in plugins.registry("solver"):
+        pytest.skip("no gptq weight solver registered")
     rtn_model = copy.deepcopy(tiny_llama)
     rtn = _run(rtn_model, "W4A4", calib_ids, plugins, epochs=0)
     gptq = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=0, weight_method="gptq",
@@ -262,9 +261,8 @@ def test_fused_training_step_equals_eager(tiny_llama, scheme, options):
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
     for fuse in (False, True):
-        owners = _random_owners(tiny_llama)
+        owners = _random_owners(tiny_llama, **options)
         for owner in owners:
-            owner.config = owner.config.model_copy(update=options)
             owner.fuse = fuse
         with ExitStack() as stack:
             for layer, owner in zip(tiny_llama.model.layers, owners, strict=True):
@@ -290,28 +288,47 @@ def test_a_compiler_failure_falls_back_to_eager_unless_fuse_was_asked(tiny_llama
     with one warning; fuse=true raises."""
     from torch._inductor.exc import InductorError
 
-    from qcore_flatquant import quantizer as fq
+    from qcore_flatquant import learnables
 
-    def broken(fn):
-        def call(*args, **kwargs):
-            raise InductorError(RuntimeError("no C++ compiler"), "")
-        return call
-
-    monkeypatch.setattr(fq, "fused", broken)
-    monkeypatch.setattr(fq, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(learnables, "fused", _broken_compile([]))
     x = torch.randn(3, 8)
     args = QuantArgs(bits=4, symmetric=False, granularity="token")
     owner = _random_owners(tiny_llama)[0]
     owner.fuse = True  # what the default resolves to on the CPU
-    eager = fq.fake_quant_tokens_ste(x, args, 1.0, 1.0)
-    assert torch.equal(owner.call(fq.fake_quant_tokens_ste, x, args, 1.0, 1.0), eager)
-    assert not owner.fuse and fq._COMPILE_FAILED
+    eager = learnables.fake_quant_tokens_ste(x, args, 1.0, 1.0)
+    assert torch.equal(owner.call(learnables.fake_quant_tokens_ste, x, args, 1.0, 1.0), eager)
+    assert not owner.fuse and "no C++ compiler" in owner.fallback.failure
     assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
-    asked = _random_owners(tiny_llama)[0]
-    asked.config = asked.config.model_copy(update={"fuse": True})
-    asked.fuse = True
+    asked = _random_owners(tiny_llama, fuse=True)[0]
     with pytest.raises(InductorError):
-        asked.call(fq.fake_quant_tokens_ste, x, args, 1.0, 1.0)
+        asked.call(learnables.fake_quant_tokens_ste, x, args, 1.0, 1.0)
+
+
+def _broken_compile(calls):
+    """A stand-in for ``learnables.fused`` whose compiled functions fail (recorded in
+    ``calls``)."""
+    from torch._inductor.exc import InductorError
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            calls.append(fn.__name__)
+            raise InductorError(RuntimeError("no C++ compiler"), "")
+        return call
+
+    return broken
+
+
+def test_a_compiler_failure_is_tried_once_per_run(tiny_llama, calib_ids, plugins, monkeypatch,
+                                                  caplog):
+    """The default fuse (on, on the CPU) tries to compile in the first layer only: after a
+    failure the run's later layers train eagerly without trying again."""
+    from qcore_flatquant import learnables
+
+    calls = []
+    monkeypatch.setattr(learnables, "fused", _broken_compile(calls))
+    reports = _run(tiny_llama, "W4A4", calib_ids, plugins, epochs=1)
+    assert len(reports) == 2 and len(calls) == 1
+    assert caplog.text.count("torch.compile failed") == 1
 
 
 def test_saved_matrices_resume_an_interrupted_run_bit_for_bit(tiny_llama, calib_ids, plugins,

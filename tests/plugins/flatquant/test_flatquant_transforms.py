@@ -5,7 +5,7 @@ import torch
 
 from qcore.quant.qparams import fake_quantize_activation
 from qcore.schemes import QuantArgs
-from qcore_flatquant.quantizer import fake_quant_tokens_ste
+from qcore_flatquant.learnables import fake_quant_tokens_ste
 from qcore_flatquant.transforms import (
     FlatQuantKeyTransform,
     FlatQuantTransform,

@@ -10,12 +10,13 @@ from conftest import CollectLayerReports
 from torch import nn
 
 from qcore.api import ConfigError, build_backend, build_quantizer, load_model, save_model
+from qcore.engine.pipeline import run_layerwise
 from qcore.models.adapter import LlamaLikeAdapter
-from qcore.pipeline import run_layerwise
-from qcore.quant.gptq import HessianAccumulator, gptq_quantize
+from qcore.quant.hessian import HessianAccumulator
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs, QuantScheme, get_scheme
 from qcore_gptq.quantizer import GPTQConfig, GPTQQuantizer, _common_parent
+from qcore_gptq.solve import GPTQOptions, gptq_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +85,7 @@ def _naive_hessians(ctx, groups):
         for name in group:
             linear = ctx.submodule(name)
             r = gptq_quantize(linear.weight, accs[name].H, ctx.scheme.weights,
-                              act_order=True, static_groups=True)  # the defaults
+                              GPTQOptions(act_order=True, static_groups=True))  # the defaults
             shell = nn.Linear(linear.in_features, linear.out_features, bias=False)
             shell.weight.data = r.Q
             ctx.replace(name, QuantLinear.from_float(shell, ctx.scheme.weights, scale=r.scale,
@@ -311,12 +312,11 @@ def test_shared_hessian_solve_equals_separate_solves():
     weights = [torch.randn(rows, 64, dtype=torch.float64) for rows in (48, 16, 16)]
     args = get_scheme("W4A16", 16).weights
     for act_order in (False, True):
-        stacked = gptq_quantize(torch.cat(weights), acc.H, args, act_order=act_order,
-                                static_groups=act_order, block_size=32, loss=False)
+        options = GPTQOptions(act_order=act_order, static_groups=act_order, block_size=32)
+        stacked = gptq_quantize(torch.cat(weights), acc.H, args, options, loss=False)
         start = 0
         for w in weights:
-            alone = gptq_quantize(w, acc.H, args, act_order=act_order, static_groups=act_order,
-                                  block_size=32)
+            alone = gptq_quantize(w, acc.H, args, options)
             rows = slice(start, start + w.shape[0])
             start = rows.stop
             assert torch.allclose(stacked.Q[rows], alone.Q, atol=1e-12)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.api import ConfigError, adapter_for, build_quantizer
-from qcore.pipeline import run_layerwise
+from qcore.engine.pipeline import run_layerwise
 from qcore.quant.kvcache import KVCacheQuantizer, fake_quantize_heads
 from qcore.quant.linear import QuantLinear
 from qcore.schemes import QuantArgs, get_scheme

@@ -1,9 +1,0 @@
-"""``qcore study``: a grid of models x methods x schemes x backends run as cached,
-resumable cells, summarised as a table, plots and the study's findings."""
-
-from qcore.study.defaults import default_grid, quick_grid
-from qcore.study.grid import Cell, EvaluatorEntry, MethodEntry, ModelEntry, StudyGrid, check_grid
-from qcore.study.runner import StudyResult, run_study
-
-__all__ = ["Cell", "EvaluatorEntry", "MethodEntry", "ModelEntry", "StudyGrid", "StudyResult",
-           "check_grid", "default_grid", "quick_grid", "run_study"]
