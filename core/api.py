@@ -1,10 +1,6 @@
-"""The Python API: quantize, evaluate, save and load, all resolved through the plugins.
-
-Everything a run needs is validated before the model is loaded: the method and its
-options, the scheme, the backend, the model source, the calibration data (tokenized with
-the model's tokenizer alone), the save format and the output folder. After loading and
-before any work: non-finite source weights, group sizes and layer names in options.
-"""
+"""The Python API: quantize, evaluate, save and load, all resolved through the plugins. What
+a run needs is validated before the model loads, the rest before any work (the checks are
+listed in docs/architecture.md, "What qcore promises")."""
 
 from __future__ import annotations
 
@@ -18,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.config import RunConfig
+from qcore.config import DEFAULT_SCHEME, RunConfig
+from qcore.console import Steps
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.engine.activations import DEFAULT_BUDGET_FRACTION, available_memory_bytes
 from qcore.engine.finite import check_source_weights
@@ -28,7 +25,7 @@ from qcore.engine.loading import (
     load_tokenizer,
     resolve_model_source,
 )
-from qcore.engine.pipeline import LoopOptions, check_group_size, run_layerwise
+from qcore.engine.pipeline import GroupSizeMismatch, LoopOptions, check_group_size, run_layerwise
 from qcore.engine.placement import dispatch
 from qcore.engine.streaming import (
     StreamedCheckpoint,
@@ -98,13 +95,11 @@ class RunResources(DatasetRegistry, EvaluationResources):
 
 
 def datasets(plugins: PluginManager | None = None) -> DatasetRegistry:
-    plugins = plugins or get_plugin_manager()
-    return DatasetRegistry(plugins.registry("dataset"))
+    return DatasetRegistry((plugins or get_plugin_manager()).registry("dataset"))
 
 
 def adapter_for(model: nn.Module, plugins: PluginManager | None = None) -> ArchitectureAdapter:
-    plugins = plugins or get_plugin_manager()
-    return resolve_adapter(model, plugins.registry("architecture"))
+    return resolve_adapter(model, (plugins or get_plugin_manager()).registry("architecture"))
 
 
 def calibration_ids(tokenizer: Any, config: RunConfig, plugins: PluginManager | None = None
@@ -116,28 +111,7 @@ def calibration_ids(tokenizer: Any, config: RunConfig, plugins: PluginManager | 
     try:
         return token_windows(tokenize(tokenizer, text), spec)
     except ValueError as exc:
-        raise ConfigError(f"calibration data {cal.data.source} ({cal.data.part}): {exc}"
-                          ) from exc
-
-
-def check_roles(quantizer: Quantizer, adapter: ArchitectureAdapter) -> None:
-    """The adapter names every layer role the method reads."""
-    missing = adapter.roles().missing(quantizer.needed_roles())
-    if missing:
-        raise ConfigError(
-            f"{quantizer.name} needs the decoder-layer role(s) {', '.join(missing)}, which the "
-            f"{adapter.name!r} architecture adapter ({type(adapter).__name__}) does not name; "
-            "its roles() must return them")
-
-
-def check_layer_options(quantizer: Quantizer, adapter: ArchitectureAdapter) -> None:
-    """Every linear named in the method's options exists in the model's decoder layers."""
-    known = adapter.linear_names()
-    for option, names in quantizer.layer_options().items():
-        for name in names:
-            if name not in known:
-                raise ConfigError(f"{quantizer.name} option {option}: {name!r} is not a linear "
-                                  f"of this model's decoder layers ({', '.join(known)})")
+        raise ConfigError(f"calibration data {cal.data.source} ({cal.data.part}): {exc}") from exc
 
 
 def _expected_save_bytes(source: Path | None, config: RunConfig) -> int:
@@ -147,8 +121,7 @@ def _expected_save_bytes(source: Path | None, config: RunConfig) -> int:
         return 0
     if source.is_file():
         return source.stat().st_size
-    files = [*source.glob("*.safetensors"), *source.glob("*.bin")]
-    total = sum(f.stat().st_size for f in files)
+    total = sum(f.stat().st_size for f in [*source.glob("*.safetensors"), *source.glob("*.bin")])
     try:
         text = (source / "config.json").read_text(encoding="utf-8")
         bits = config.resolved_scheme().weights.bits
@@ -158,43 +131,36 @@ def _expected_save_bytes(source: Path | None, config: RunConfig) -> int:
     return int(total * min(1.0, (bits + 1) / src_bits))
 
 
-# ----------------------------------------------------------------------------- load/save
 def find_format(path: Path, plugins: PluginManager | None = None) -> type[Format] | None:
-    plugins = plugins or get_plugin_manager()
-    for cls in plugins.registry("format").values():
-        if cls.can_load(path):
-            return cls
-    return None
+    formats = (plugins or get_plugin_manager()).registry("format").values()
+    return next((cls for cls in formats if cls.can_load(path)), None)
 
 
 def load_model(source: str, plugins: PluginManager | None = None,
                dtype: torch.dtype = torch.float32, backend: str | None = "cpu"
                ) -> tuple[nn.Module, Any, dict | None]:
-    """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one.
-
-    A quantized model gets ``backend``'s real kernels installed (as ``quantize`` does), so
-    it computes exactly what the saved model computed. Saved models and float safetensors
-    folders already in ``dtype`` come memory-mapped from their shards (transformers maps
-    them too), so evaluation can page their layers in and out (:func:`evaluate`)."""
+    """(model, tokenizer, qcore metadata or None): a saved quantized model or a float one. A
+    quantized model gets ``backend``'s real kernels installed (as ``quantize`` does), so it computes
+    exactly what the saved model computed. Saved models and float safetensors folders already in
+    ``dtype`` come memory-mapped from their shards (transformers maps them too), so evaluation can
+    page their layers in and out (:func:`evaluate`)."""
     plugins = plugins or get_plugin_manager()
     path = Path(resolve_model_source(source))
     fmt = find_format(path, plugins) if path.is_dir() else None
-    if fmt is None and path.is_dir():
-        for cls in plugins.registry("format").values():
-            problem = cls.diagnose(path)
-            if problem:
-                raise SavedModelError(problem)
-        declared = quantization_config(path)
-        if declared is not None:
-            method = declared.get("quant_method", "unknown")
-            raise SavedModelError(
-                f"{path}: quantization_config.quant_method {method!r} is not read by any "
-                f"installed format (formats: {', '.join(sorted(plugins.registry('format')))})")
     if fmt is not None:
         model, tokenizer, meta = fmt().load(path, plugins.registry("module"))
         if backend is not None:
             build_backend(backend, plugins).install_kernels(model)
         return model, tokenizer, meta
+    if path.is_dir():
+        for cls in plugins.registry("format").values():
+            if problem := cls.diagnose(path):
+                raise SavedModelError(problem)
+        if (declared := quantization_config(path)) is not None:
+            method = declared.get("quant_method", "unknown")
+            raise SavedModelError(
+                f"{path}: quantization_config.quant_method {method!r} is not read by any "
+                f"installed format (formats: {', '.join(sorted(plugins.registry('format')))})")
     model, tokenizer = load_float_model(str(path) if path.exists() else source, dtype)
     model.eval()
     return model, tokenizer, None
@@ -213,32 +179,36 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | Path, metadata: dic
 
 
 def export_model(source: str, format: str, out: str | Path, *, overwrite: bool = False,
-                 max_shard_size: str | None = None, plugins: PluginManager | None = None
-                 ) -> SavedModel:
+                 max_shard_size: str | None = None, plugins: PluginManager | None = None,
+                 progress: bool | None = None) -> SavedModel:
     """Write a quantized model (a qcore save, or a checkpoint a format plugin reads) in
     ``format`` at ``out``, atomically; the result's metadata holds the format's summary.
-    A model the format cannot hold is refused with the layer and what is missing."""
+    A model the format cannot hold is refused with the layer and what is missing.
+    ``progress``: its two steps (read, write) as :class:`qcore.console.Steps` shows them."""
     plugins = plugins or get_plugin_manager()
     fmt: type[Format] = plugins.get("format", format)
     path = Path(resolve_model_source(source))
     if not path.exists():
         raise ConfigError(f"`model` {source}: no such file or folder")
     check_output_dir(out, overwrite=overwrite, inputs=[path], option="`out`")
-    model, tokenizer, meta = load_model(source, plugins, backend=None)
-    if meta is None:
-        raise ConfigError(f"{source} is not a quantized model; quantize it with "
-                          f"`qcore quantize --format {format}`")
-    details = {"source": str(source), "source_format": meta.get("format"),
-               "versions": package_versions()}
-    if max_shard_size:
-        details["max_shard_size"] = max_shard_size
-    try:
-        return fmt().save(model, tokenizer, Path(out), details)
-    except ValueError as exc:
-        raise ConfigError(f"`format` {format}: {exc}") from exc
+    with Steps(f"export to {format}", 2, progress) as steps:
+        model, tokenizer, meta = load_model(source, plugins, backend=None)
+        if meta is None:
+            raise ConfigError(f"{source} is not a quantized model; quantize it with "
+                              f"`qcore quantize --format {format}`")
+        steps.advance(info=f"read {source}")
+        details = {"source": str(source), "source_format": meta.get("format"),
+                   "versions": package_versions()}
+        if max_shard_size:
+            details["max_shard_size"] = max_shard_size
+        try:
+            saved = fmt().save(model, tokenizer, Path(out), details)
+        except ValueError as exc:
+            raise ConfigError(f"`format` {format}: {exc}") from exc
+        steps.advance(info=f"wrote {saved.path}")
+    return saved
 
 
-# ----------------------------------------------------------------------------- quantize
 @dataclass
 class QuantizeResult:
     """What :func:`quantize` produced. A model written layer by layer is no longer in
@@ -261,9 +231,11 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
              listeners: Iterable[Any] = (), progress: bool = True,
              model: nn.Module | None = None, tokenizer: Any = None) -> QuantizeResult:
     """Quantize ``config.model`` (or a given model) layer by layer and optionally save it.
-
     ``listeners`` are objects with ``@hookimpl`` event methods (custom evaluator hooks)."""
     plugins = plugins or get_plugin_manager()
+    if config.scheme is None:  # the method's own default
+        default = plugins.get("quantizer", config.method).default_scheme
+        config = config.model_copy(update={"scheme": default or DEFAULT_SCHEME})
     try:
         scheme = config.resolved_scheme()
     except ValueError as exc:
@@ -272,37 +244,57 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     backend = build_backend(config.backend, plugins)
     run = plugins.for_run(listeners)  # a listener with an unknown hook fails here
     model_path = _check_inputs(config, quantizer, plugins, given_model=model is not None)
-    checkpoint = None
     if model is None:
         tokenizer = load_tokenizer(config.model)
-        calib = calibration_ids(tokenizer, config, plugins)  # a short text fails before loading
-        model, checkpoint = _load_float(config, model_path, plugins)
-    else:
-        calib = calibration_ids(tokenizer, config, plugins)
+    calib = calibration_ids(tokenizer, config, plugins)  # a short text fails before loading
+    model, checkpoint = _load_float(config, model_path, plugins) if model is None else (model, None)
     if not quantizer.uses_calibration() and config.error_windows is not None \
             and len(calib) > config.error_windows:
         log.info("%s needs no calibration activations: forwarding %d of %d windows (the "
                  "per-layer error's)", quantizer.name, config.error_windows, len(calib))
         calib = calib[: config.error_windows]
+    config, quantizer, notices = _fit_group_size(config, quantizer, model, plugins)
     adapter = _check_model(model, quantizer, checkpoint, plugins)
     writer = _layer_writer(config, plugins)
     options = LoopOptions(
-        plugins=run, propagation=config.propagation,
-        batch_size=config.calibration.batch_size, error_windows=config.error_windows,
-        progress=progress, source=checkpoint.load_layer if checkpoint is not None else None,
-        writer=writer, modules=plugins.registry("module"),
-        activation_budget=config.activation_budget_bytes(),
+        plugins=run, propagation=config.propagation, batch_size=config.calibration.batch_size,
+        error_windows=config.error_windows, progress=progress, writer=writer,
+        source=checkpoint.load_layer if checkpoint is not None else None,
+        modules=plugins.registry("module"), activation_budget=config.activation_budget_bytes(),
         offload_dir=Path(config.offload_dir) if config.offload_dir else None)
     report = run_layerwise(model, quantizer, adapter, backend, calib, options)
+    report.notices += notices
+    metadata = {"run": config.model_dump(mode="json"),
+                "scheme": quantizer.scheme.model_dump(mode="json"),
+                "report": report.model_dump(mode="json"), "versions": package_versions()}
     if writer is not None:
-        saved = writer.finish(model, tokenizer,
-                              _save_metadata(config, quantizer.scheme, report)).path
+        saved = writer.finish(model, tokenizer, metadata).path
         return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config)
     backend.install_kernels(model)
-    saved = _save_whole(model, tokenizer, config, _save_metadata(config, quantizer.scheme,
-                                                                  report), plugins)
+    saved = _save_whole(model, tokenizer, config, metadata, plugins)
     return QuantizeResult(tokenizer=tokenizer, report=report, saved=saved, config=config,
                           in_memory=model)
+
+
+def _fit_group_size(config: RunConfig, quantizer: Quantizer, model: nn.Module,
+                    plugins: PluginManager) -> tuple[RunConfig, Quantizer, list[str]]:
+    """A preset's group size that does not divide every quantized layer's input features
+    falls back, with a notice, to the largest power of two that does; a group size the
+    user chose (``group_size``, or a scheme of their own) stays an error."""
+    if config.group_size is not None or not isinstance(config.scheme, str):
+        return config, quantizer, []
+    try:
+        check_group_size(model, adapter_for(model, plugins), quantizer.scheme)
+    except GroupSizeMismatch as exc:
+        notice = (f"the {config.scheme} preset's group size "
+                  f"{quantizer.scheme.weights.group_size} does not divide the input features "
+                  f"of {exc.where}: using {exc.fits}, the largest power of two that divides "
+                  "every quantized layer (recorded in the saved model's run configuration)")
+        log.warning("%s", notice)
+        config = config.model_copy(update={"group_size": exc.fits})
+        return config, build_quantizer(config.method, config.resolved_scheme(),
+                                       config.method_config, plugins), [notice]
+    return config, quantizer, []
 
 
 def _check_inputs(config: RunConfig, quantizer: Quantizer, plugins: PluginManager,
@@ -310,9 +302,8 @@ def _check_inputs(config: RunConfig, quantizer: Quantizer, plugins: PluginManage
     """Everything that can be checked before a model loads: the calibration source, the
     model source, the save format against the method, the output folder. Returns the
     model's local path (None for a hub id or a given model)."""
-    registry = datasets(plugins)
     try:
-        registry.resolve(config.calibration.data).check(config.calibration.data)
+        datasets(plugins).resolve(config.calibration.data).check(config.calibration.data)
     except ValueError as exc:
         raise ConfigError(f"calibration.data: {exc}") from exc
     model_path = None
@@ -325,8 +316,7 @@ def _check_inputs(config: RunConfig, quantizer: Quantizer, plugins: PluginManage
             quantizer.scheme, quantizer.online_transforms())  # what the method produces
         if problem:
             raise ConfigError(f"`format` {config.format}: {problem}")
-        inputs = [p for p in (model_path, Path(config.calibration.data.source))
-                  if p is not None]
+        inputs = [p for p in (model_path, Path(config.calibration.data.source)) if p is not None]
         check_output_dir(config.save, overwrite=config.overwrite, inputs=inputs,
                          expected_bytes=_expected_save_bytes(model_path, config))
     return model_path
@@ -344,9 +334,8 @@ def _load_float(config: RunConfig, model_path: Path | None, plugins: PluginManag
     return model, None
 
 
-def _check_model(model: nn.Module, quantizer: Quantizer,
-                 checkpoint: StreamedCheckpoint | None, plugins: PluginManager
-                 ) -> ArchitectureAdapter:
+def _check_model(model: nn.Module, quantizer: Quantizer, checkpoint: StreamedCheckpoint | None,
+                 plugins: PluginManager) -> ArchitectureAdapter:
     """Checks that need the model, before any work: group size, roles, layer names in
     options, finite weights. Returns the model's architecture adapter."""
     adapter = adapter_for(model, plugins)
@@ -354,8 +343,17 @@ def _check_model(model: nn.Module, quantizer: Quantizer,
         check_group_size(model, adapter, quantizer.scheme)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    check_roles(quantizer, adapter)
-    check_layer_options(quantizer, adapter)
+    if missing := adapter.roles().missing(quantizer.needed_roles()):
+        raise ConfigError(
+            f"{quantizer.name} needs the decoder-layer role(s) {', '.join(missing)}, which the "
+            f"{adapter.name!r} architecture adapter ({type(adapter).__name__}) does not name; "
+            "its roles() must return them")
+    known = adapter.linear_names()
+    for option, names in quantizer.layer_options().items():
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"{quantizer.name} option {option}: {name!r} is not a linear "
+                                  f"of this model's decoder layers ({', '.join(known)})")
     if checkpoint is not None:  # the decoder layers are checked as they load
         checkpoint.load_outside(adapter.decoder_layers())
     else:
@@ -367,16 +365,19 @@ def _layer_writer(config: RunConfig, plugins: PluginManager) -> LayerWriter | No
     """The format's layer-by-layer writer when the run streams its output."""
     writer = None
     if config.save is not None and config.stream:
-        fmt = plugins.get("format", config.format)()
-        writer = fmt.layer_writer(Path(config.save), run=_run_identity(config),
-                                  resume=config.resume, max_shard_size=config.max_shard_size)
+        # what a resumed run must share with the interrupted one: every setting that changes
+        # the quantized tensors, and the versions that compute them
+        run = {"run": config.model_dump(mode="json", exclude=set(RunConfig.NOT_IDENTITY)),
+               "versions": package_versions()}
+        writer = plugins.get("format", config.format)().layer_writer(
+            Path(config.save), run=run, resume=config.resume, max_shard_size=config.max_shard_size)
+    elif config.resume:
+        raise ConfigError("`resume` continues a layer-by-layer save: give `save` and leave "
+                          "streaming on")
     if config.resume and writer is None:
         raise ConfigError(f"`resume` continues a layer-by-layer save: it needs `save`, "
                           f"streaming and a format that writes layer by layer (the "
-                          f"{config.format!r} format saves whole models only)"
-                          if config.save is not None and config.stream else
-                          "`resume` continues a layer-by-layer save: give `save` and "
-                          "leave streaming on")
+                          f"{config.format!r} format saves whole models only)")
     return writer
 
 
@@ -394,39 +395,17 @@ def _save_whole(model: nn.Module, tokenizer: Any, config: RunConfig,
     except ValueError as exc:
         if config.format == "qcore":
             raise
-        rescue = _rescue_path(Path(config.save))
+        save, n = Path(config.save), 1  # the rescue: a new sibling of the asked folder
+        while (rescue := save.with_name(f"{save.name}-qcore{n if n > 1 else ''}")).exists():
+            n += 1
         save_model(model, tokenizer, rescue, metadata, plugins=plugins)
         raise ConfigError(f"`format` {config.format}: {exc}; the quantized model was "
                           f"saved in the qcore format at {rescue} instead") from exc
 
 
-def _save_metadata(config: RunConfig, scheme: QuantScheme, report: QuantizationReport
-                   ) -> dict[str, Any]:
-    return {"run": config.model_dump(mode="json"), "scheme": scheme.model_dump(mode="json"),
-            "report": report.model_dump(mode="json"), "versions": package_versions()}
-
-
-def _run_identity(config: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one: every setting that changes
-    the quantized tensors, and the versions that compute them."""
-    run = config.model_dump(mode="json", exclude=set(RunConfig.NOT_IDENTITY))
-    return {"run": run, "versions": package_versions()}
-
-
-def _rescue_path(save: Path) -> Path:
-    """A new sibling of ``save`` for a model its chosen format refused."""
-    candidate = save.with_name(f"{save.name}-qcore")
-    n = 1
-    while candidate.exists():
-        n += 1
-        candidate = save.with_name(f"{save.name}-qcore{n}")
-    return candidate
-
-
 def evaluate(model: nn.Module, tokenizer: Any, evaluator: str, options: dict[str, Any], *,
              backend: str = "cpu", plugins: PluginManager | None = None,
-             listeners: Iterable[Any] = (), page_layers: bool | None = None
-             ) -> EvaluationResult:
+             listeners: Iterable[Any] = (), page_layers: bool | None = None) -> EvaluationResult:
     """Run ``evaluator`` on ``model``. ``page_layers``: drop the memory-mapped pages of each
     decoder layer, of the embedding and of the head after each of their forwards, so
     memory holds about one of them (default: when they are mapped and larger than half the

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from qcore.errors import ConfigError, validation_summary
 from qcore.interfaces import DataSpec
@@ -25,6 +25,8 @@ def flag(group: str, help: str, *, name: str | None = None, metavar: str | None 
                     "shown_default": shown_default}}
 
 
+#: the scheme of a run that names none, for a method that declares no default_scheme
+DEFAULT_SCHEME = "W4A16"
 DATA, METHOD, OUTPUT, ADVANCED = "model and data", "method", "output", "advanced"
 
 
@@ -53,11 +55,13 @@ class RunConfig(BaseModel):
               "SmolLM2-135M-Instruct)"))
     method: str = Field(default="rtn", json_schema_extra=flag(
         METHOD, "quantizer name, see `qcore list-plugins`"))
-    scheme: str | QuantScheme = Field(default="W4A16", json_schema_extra=flag(
-        METHOD, "a preset (`qcore schemes`) or a scheme mapping in --config"))
+    scheme: str | QuantScheme | None = Field(default=None, json_schema_extra=flag(
+        METHOD, "a preset (`qcore schemes`) or a scheme mapping in --config",
+        shown_default="the method's"))
     group_size: int | None = Field(default=None, gt=0, json_schema_extra=flag(
-        METHOD, "weight group size; it must divide every layer's input features "
-                "(SmolLM2's 576 needs 64)", metavar="N", shown_default="the preset's"))
+        METHOD, "weight group size; a value given must divide every quantized layer's input "
+                "features, the preset's falls back (with a notice) to the largest power of two "
+                "that does (64 for SmolLM2's 576)", metavar="N", shown_default="the preset's"))
     observer: Literal["minmax", "mse"] | None = Field(default=None, json_schema_extra=flag(
         METHOD, "how each weight row/group range is chosen: min/max, or the MSE clip "
                 "search", shown_default="the scheme's, minmax"))
@@ -67,10 +71,9 @@ class RunConfig(BaseModel):
     calibration: CalibrationConfig = CalibrationConfig()
     backend: str = Field(default="cpu", json_schema_extra=flag(
         ADVANCED, "where layers run: a backend plugin (cpu, npu)"))
-    propagation: Literal["quantized", "full"] | None = Field(
-        default=None, json_schema_extra=flag(
-            METHOD, "next layer's inputs: the quantized or the float layer's outputs",
-            shown_default="the method's"))
+    propagation: Literal["quantized", "full"] | None = Field(default=None, json_schema_extra=flag(
+        METHOD, "next layer's inputs: the quantized or the float layer's outputs",
+        shown_default="the method's"))
     error_windows: int | None = Field(default=4, ge=0, json_schema_extra=flag(
         ADVANCED, "calibration windows each layer's relative MSE is measured on (null: "
                   "all; 0: none, and a method that needs no calibration runs no forward at "
@@ -83,10 +86,9 @@ class RunConfig(BaseModel):
                 "files, an input or the current directory)"))
     format: str = Field(default="qcore", json_schema_extra=flag(OUTPUT, "save format plugin"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", json_schema_extra=flag(
-            ADVANCED, "dtype of the float model in memory; methods compute Hessians, "
-                      "searches and training in float32 per layer; auto: the checkpoint's "
-                      "(float32 for GGUF and undeclared)"))
+        default="auto", json_schema_extra=flag(ADVANCED, "dtype of the float model in memory; "
+        "methods compute Hessians, searches and training in float32 per layer; auto: the "
+        "checkpoint's (float32 for GGUF and undeclared)"))
     stream: bool = Field(default=True, json_schema_extra=flag(
         ADVANCED, "load the whole float model first and save it whole at the end (default: "
                   "a safetensors folder is read, and the output written, one decoder layer "
@@ -106,22 +108,15 @@ class RunConfig(BaseModel):
         shown_default="the system's temporary folder"))
 
     #: fields that change neither the quantized tensors nor where they go
-    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("save", "overwrite", "resume", "stream",
-                                               "max_shard_size", "error_windows",
-                                               "activation_budget", "offload_dir")
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "save", "overwrite", "resume", "stream", "max_shard_size", "error_windows",
+        "activation_budget", "offload_dir")
 
-    @field_validator("max_shard_size")
+    @field_validator("max_shard_size", "activation_budget")
     @classmethod
-    def _a_size(cls, value: str | None) -> str | None:
+    def _a_size(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            parse_size(value)  # e.g. "500MB"; refused before any work
-        return value
-
-    @field_validator("activation_budget")
-    @classmethod
-    def _a_budget(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_size(value, "`activation_budget`")
+            parse_size(value, f"`{info.field_name}`")  # e.g. "500MB"; refused before any work
         return value
 
     def activation_budget_bytes(self) -> int | None:
@@ -129,11 +124,12 @@ class RunConfig(BaseModel):
             self.activation_budget, "`activation_budget`")
 
     def resolved_scheme(self) -> QuantScheme:
+        """The scheme with the group size and observer overrides (no scheme named: the
+        global default; ``qcore.api.quantize`` names the method's own first)."""
         if isinstance(self.scheme, QuantScheme):
-            scheme = self.scheme.with_group_size(self.group_size)
-        else:
-            scheme = get_scheme(self.scheme, self.group_size)
-        return scheme.with_observer(self.observer)
+            return self.scheme.with_group_size(self.group_size).with_observer(self.observer)
+        name = DEFAULT_SCHEME if self.scheme is None else self.scheme
+        return get_scheme(name, self.group_size).with_observer(self.observer)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
@@ -185,6 +181,5 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
             out[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML "
-                              f"({_yaml_problem(exc)}); quote it, e.g. {key}='[a, b]'"
-                              ) from exc
+                              f"({_yaml_problem(exc)}); quote it, e.g. {key}='[a, b]'") from exc
     return out

@@ -1,10 +1,7 @@
-"""What a quantizer works through: :class:`LayerContext`, one decoder layer on the backend's
-device with its calibration inputs, and :class:`AbsmaxObserver` for activation ranges.
-
-This is the quantizer contract's other half (:class:`qcore.interfaces.Quantizer` is the
-first): the engine builds one context per decoder layer and hands it to
-``Quantizer.quantize_layer``.
-"""
+"""What a quantizer works through, the other half of its contract
+(:class:`qcore.interfaces.Quantizer`): the engine hands ``Quantizer.quantize_layer`` one
+:class:`LayerContext` per decoder layer (the layer on the backend's device with its
+calibration inputs); :class:`AbsmaxObserver` collects activation ranges."""
 
 from __future__ import annotations
 
@@ -98,21 +95,14 @@ class LayerContext:
         return self.reference_outputs
 
     @torch.no_grad()
-    def forward(
-        self,
-        hooks: dict[str, HookFn] | None = None,
-        keep_outputs: bool = True,
-        inputs: Sequence[torch.Tensor] | None = None,
-        batches: int | None = None,
-        out_dtype: torch.dtype | None = None,
-        keep_first: int | None = None,
-        into: Batches | None = None,
-    ) -> Batches:
+    def forward(self, hooks: dict[str, HookFn] | None = None, keep_outputs: bool = True,
+                inputs: Sequence[torch.Tensor] | None = None, batches: int | None = None,
+                out_dtype: torch.dtype | None = None, keep_first: int | None = None,
+                into: Batches | None = None) -> Batches:
         """Run every cached batch (or the first ``batches``) through the layer;
-        ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name``
-        for each batch. ``out_dtype``: keep the outputs in it (cast batch by batch);
-        ``keep_first``: keep only the first that many; ``into``: append them there (a new
-        list by default)."""
+        ``hooks[name](name, module, x, y)`` sees the input and output of submodule ``name`` for each
+        batch. ``out_dtype``: keep the outputs in it (cast batch by batch); ``keep_first``: keep
+        only the first that many; ``into``: append them there (a new list by default)."""
         handles = []
         for name, fn in (hooks or {}).items():
             module = self.layer.get_submodule(name)
@@ -166,19 +156,16 @@ class LayerContext:
         self.forward({n: observe for n in names}, keep_outputs=False)
         return {n: acc[n].H for n in names}
 
-    def solve_linears(self, solver: WeightSolver, floats: dict[str, nn.Linear],
-                      weights: QuantArgs,
+    def solve_linears(self, solver: WeightSolver, floats: dict[str, nn.Linear], weights: QuantArgs,
                       activations: QuantArgs | dict[str, QuantArgs | None] | None = None,
-                      transforms: dict[str, tuple[nn.Module, Any]] | None = None
-                      ) -> dict[str, float]:
-        """Round each linear of ``floats`` (name -> the float weights to round) with
-        ``solver`` and put a QuantLinear in its place (with its online transform and spec
-        from ``transforms``; its activation quantizer from ``activations``, one for all or
-        one per name; static activation scales from the inputs' max |x|). A solver
-        that needs Hessians gets them group by group in the
-        adapter's sequential order, the earlier groups already replaced (true-sequential),
-        from what each module in place really multiplies. Returns the solver's statistics
-        as ``"<solver>.<linear>.<stat>"``."""
+                      transforms: dict[str, nn.Module] | None = None) -> dict[str, float]:
+        """Round each linear of ``floats`` (name -> the float weights to round) with ``solver`` and
+        put a QuantLinear in its place (with its online transform from ``transforms``, which
+        implements ``spec()``; its activation quantizer from ``activations``, one for all or one per
+        name; static activation scales from the inputs' max |x|). A solver that needs Hessians gets
+        them group by group in the adapter's sequential order, the earlier groups already replaced
+        (true-sequential), from what each module in place really multiplies. Returns the solver's
+        statistics as ``"<solver>.<linear>.<stat>"``."""
         transforms = transforms or {}
         if solver.needs_hessian:
             groups = [[n for n in g if n in floats] for g in self.adapter.sequential_groups()]
@@ -203,10 +190,8 @@ class LayerContext:
                 linear = floats[name]
                 solved = solver.solve(linear.weight, weights, hessians.get(name), self.backend,
                                       f"{self.name}.{name}")
-                transform, spec = transforms.get(name, (None, None))
-                q = QuantLinear.from_solved(linear, solved, weights,
-                                            activations=per_name[name],
-                                            input_transform=transform, transform_spec=spec)
+                q = QuantLinear.from_solved(linear, solved, weights, activations=per_name[name],
+                                            input_transform=transforms.get(name))
                 if name in absmax:  # static activations: the float inputs' range to start
                     m = absmax[name].max()
                     q.set_input_range(-m, m)

@@ -71,10 +71,8 @@ def token_windows(ids: torch.Tensor, spec: WindowSpec) -> torch.Tensor:
     available = ids.numel() // length if spec.sampling == "consecutive" else ids.numel() - length
     if spec.sampling == "consecutive":
         if n > available:
-            raise ValueError(
-                f"samples={n} windows of seq_len={length} need {n * length} tokens; "
-                f"the text has {ids.numel()}"
-            )
+            raise ValueError(f"samples={n} windows of seq_len={length} need {n * length} "
+                             f"tokens; the text has {ids.numel()}")
         return ids[: n * length].reshape(n, length).clone()
     if available <= 0:
         raise ValueError(f"seq_len={length} exceeds the text's {ids.numel()} tokens")
@@ -92,19 +90,14 @@ class DatasetRegistry(TextSource):
     def resolve(self, spec: DataSpec) -> Dataset:
         if spec.dataset is not None:
             if spec.dataset not in self.datasets:
-                raise ValueError(
-                    f"dataset {spec.dataset!r} is not registered; "
-                    f"available: {', '.join(sorted(self.datasets))}"
-                )
+                raise ValueError(f"dataset {spec.dataset!r} is not registered; "
+                                 f"available: {', '.join(sorted(self.datasets))}")
             return self.datasets[spec.dataset]()
         for cls in self.datasets.values():
             if cls.matches(spec.source):
                 return cls()
-        raise ValueError(
-            f"no dataset plugin can read source {spec.source!r} "
-            f"(registered: {', '.join(sorted(self.datasets))}); name one with dataset="
-        )
+        raise ValueError(f"no dataset plugin can read source {spec.source!r} (registered: "
+                         f"{', '.join(sorted(self.datasets))}); name one with dataset=")
 
     def text(self, spec: DataSpec) -> str:
-        text = self.resolve(spec).load_text(spec)
-        return select_part(text, spec.part)
+        return select_part(self.resolve(spec).load_text(spec), spec.part)

@@ -6,10 +6,11 @@ below, made known through the ``qcore`` entry-point group::
     [project.entry-points.qcore]
     my_method = "my_package.plugin"
 
-Registration hooks receive a ``register`` callback and call it once per thing they
-provide. Event hooks are called by the pipeline and the evaluators; any plugin, including
-an object passed to :func:`qcore.api.quantize` as a listener, can implement them.
-"""
+Registration hooks receive a ``register`` callback and call it once per thing they provide:
+``register(cls)``, ``cls`` a subclass of the kind's contract with a unique class-level ``name``
+(``qcore_register_modules`` differs, see there). Event hooks are called by the pipeline and the
+evaluators; any plugin, including an object passed to :func:`qcore.api.quantize` as a listener, can
+implement them."""
 
 from __future__ import annotations
 
@@ -28,48 +29,41 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 Register = Callable[..., None]
 
 
-# ----------------------------------------------------------------------------- registration
 @hookspec
 def qcore_register_quantizers(register: Register) -> None:
-    """Call ``register(QuantizerClass)`` for each quantization method (a
-    :class:`qcore.interfaces.Quantizer` subclass with a unique ``name``)."""
+    """Register each quantization method (:class:`qcore.interfaces.Quantizer`)."""
 
 
 @hookspec
 def qcore_register_solvers(register: Register) -> None:
-    """Call ``register(SolverClass)`` for each weight solver (a
-    :class:`qcore.interfaces.WeightSolver` subclass with a unique ``name``): the last step
+    """Register each weight solver (:class:`qcore.interfaces.WeightSolver`): the last step
     that rounds one weight matrix, which transforming methods (SmoothQuant, FlatQuant)
     compose by name (``weight_method``)."""
 
 
 @hookspec
 def qcore_register_backends(register: Register) -> None:
-    """Call ``register(BackendClass)`` for each execution backend
-    (:class:`qcore.interfaces.Backend`)."""
+    """Register each execution backend (:class:`qcore.interfaces.Backend`)."""
 
 
 @hookspec
 def qcore_register_evaluators(register: Register) -> None:
-    """Call ``register(EvaluatorClass)`` for each evaluator
-    (:class:`qcore.interfaces.Evaluator`)."""
+    """Register each evaluator (:class:`qcore.interfaces.Evaluator`)."""
 
 
 @hookspec
 def qcore_register_datasets(register: Register) -> None:
-    """Call ``register(DatasetClass)`` for each text source (:class:`qcore.interfaces.Dataset`)."""
+    """Register each text source (:class:`qcore.interfaces.Dataset`)."""
 
 
 @hookspec
 def qcore_register_formats(register: Register) -> None:
-    """Call ``register(FormatClass)`` for each save/load format
-    (:class:`qcore.interfaces.Format`)."""
+    """Register each save/load format (:class:`qcore.interfaces.Format`)."""
 
 
 @hookspec
 def qcore_register_architectures(register: Register) -> None:
-    """Call ``register(AdapterClass)`` for each architecture adapter
-    (:class:`qcore.models.adapter.ArchitectureAdapter`)."""
+    """Register each architecture adapter (:class:`qcore.models.adapter.ArchitectureAdapter`)."""
 
 
 @hookspec
@@ -87,7 +81,6 @@ def qcore_register_commands(subparsers: Any) -> None:
     and reported by ``qcore list-plugins``.)"""
 
 
-# ----------------------------------------------------------------------------- events
 @hookspec
 def qcore_layer_quantized(report: LayerReport) -> None:
     """A decoder layer was quantized. ``report`` has its index, output reconstruction error

@@ -11,25 +11,22 @@ from pathlib import Path
 from typing import Any
 
 
-def _status_kb(field: str) -> float | None:
-    status = Path("/proc/self/status")
-    if not status.exists():
+def proc_kb(field: str, path: str = "/proc/self/status") -> float | None:
+    """The ``FIELD:  N kB`` value of a /proc file (Linux), else None."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
         return None
-    for line in status.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    return None
+    return next((float(line.split()[1]) for line in lines if line.startswith(field + ":")), None)
 
 
 def rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    if kb is None:
-        return peak_rss_mb()
-    return kb / 1024
+    kb = proc_kb("VmRSS")
+    return peak_rss_mb() if kb is None else kb / 1024
 
 
 def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
+    kb = proc_kb("VmHWM")
     if kb is not None:
         return kb / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -46,10 +43,9 @@ def reset_peak_rss() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Methods with many MB-sized temporaries (GPTQ's solver) fragment glibc's heap: on
-    SmolLM2 the resident set grew by up to ~0.5 GB over RTN's without a trim per layer."""
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere):
+    methods with many MB-sized temporaries (GPTQ's solver) fragment glibc's heap (on SmolLM2
+    the resident set grew by up to ~0.5 GB over RTN's without a trim per layer)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -83,14 +79,9 @@ def file_backed_bytes(ranges: Iterable[tuple[int, int]]) -> int:
 
 
 def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
-    """Drop the resident pages of these (address, bytes) ranges that lie in a file
-    mapping; returns the bytes advised.
-
-    A checkpoint loaded through safetensors stays one memory map for as long as any of
-    its tensors lives (the embedding does, to the end), so a replaced float weight's pages
-    would stay resident. Clean file pages are dropped and re-read from the file if touched
-    again, so contents never change; anonymous memory is left alone (no swapping of heap
-    that the allocator may hand out again)."""
+    """Drop the resident pages of these (address, bytes) ranges that lie in a file mapping
+    (re-read from the file if touched again: contents never change; anonymous memory is left
+    alone); returns the bytes advised. docs/architecture.md, "Memory", says why."""
     if not sys.platform.startswith("linux") or not ranges:
         return 0
     try:
@@ -110,28 +101,17 @@ def page_out_file_backed(ranges: list[tuple[int, int]]) -> int:
     return advised
 
 
-def host_ranges(tensors: Iterable[Any]) -> set[tuple[int, int]]:
-    """(address, bytes) of these tensors' storages in host memory (whole storages)."""
+def module_ranges(module: Any) -> set[tuple[int, int]]:
+    """(address, bytes) of the host-memory storages (whole) of a module's tensors."""
     ranges = set()
-    for t in tensors:
+    for t in [*module.parameters(), *module.buffers()]:
         if t.device.type == "cpu" and t.numel():
             storage = t.untyped_storage()
             ranges.add((storage.data_ptr(), storage.nbytes()))
     return ranges
 
 
-def module_ranges(module: Any) -> set[tuple[int, int]]:
-    """:func:`host_ranges` of a module's parameters and buffers."""
-    return host_ranges([*module.parameters(), *module.buffers()])
-
-
 def page_out_view(view: Any) -> int:
     """:func:`page_out_file_backed` for the bytes of one tensor view only (a chunk of a
     mapped tensor being read), not its whole storage."""
     return page_out_file_backed([(view.data_ptr(), view.numel() * view.element_size())])
-
-
-def page_out_tensors(tensors: Iterable[Any]) -> int:
-    """:func:`page_out_file_backed` for the storages of these CPU tensors (those mapped
-    from a file: a checkpoint's, or one just written and read back)."""
-    return page_out_file_backed(sorted(host_ranges(tensors)))

@@ -1,12 +1,12 @@
 """The contracts plugins implement: Quantizer, Backend, Evaluator, Dataset, Format.
 
-(Architecture adapters live in :mod:`qcore.models.adapter`.) Each kind has a class-level
-``name`` under which it is registered and, where it takes options, a pydantic ``Config``
-with ``extra="forbid"`` so that a misspelt option fails before any work is done.
-"""
+(Architecture adapters live in :mod:`qcore.models.adapter`.) Each kind has a class-level ``name``
+under which it is registered and, where it takes options, a pydantic ``Config`` with
+``extra="forbid"`` so that a misspelt option fails before any work is done."""
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -17,14 +17,13 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from qcore.reports import EvaluationResult
-from qcore.schemes import QuantScheme
+from qcore.schemes import QuantArgs, QuantScheme
 
 if TYPE_CHECKING:
     from qcore.context import LayerContext
     from qcore.models.adapter import ArchitectureAdapter
     from qcore.plugins import PluginManager
     from qcore.quant.linear import Kernel, QuantLinear, SolvedWeight
-    from qcore.schemes import QuantArgs
 
 
 class NoOptions(BaseModel):
@@ -35,6 +34,11 @@ class UnsupportedScheme(ValueError):
     pass
 
 
+def missing_packages(requires: dict[str, str]) -> dict[str, str]:
+    """Those of ``requires`` (import name -> install command) that cannot be imported."""
+    return {name: how for name, how in requires.items() if importlib.util.find_spec(name) is None}
+
+
 #: marks a config field that lists linears of a decoder layer by name (``mlp.down_proj``):
 #: the API checks every entry against the model's adapter before any work, so a misspelt
 #: name is an error instead of silently matching nothing
@@ -42,22 +46,8 @@ LAYER_NAMES = "qcore:layer-names"
 LayerNameList = Annotated[list[str], LAYER_NAMES]
 
 
-def layer_name_options(config: BaseModel, prefix: str = "") -> dict[str, list[str]]:
-    """``field -> names`` for every :data:`LayerNameList` field of a pydantic config."""
-    found = {}
-    for field, info in type(config).model_fields.items():
-        if LAYER_NAMES in info.metadata:
-            found[prefix + field] = list(getattr(config, field))
-    return found
-
-
-# ----------------------------------------------------------------------------- quantizer
 class Quantizer(ABC):
-    """A PTQ method. The pipeline calls :meth:`quantize_layer` once per decoder layer.
-
-    ``quantize_layer`` must leave every quantized linear of the layer replaced by a
-    :class:`qcore.quant.linear.QuantLinear` (or fold transforms into the float weights for
-    a method that only transforms) and return per-layer statistics for the report."""
+    """A PTQ method. The pipeline calls :meth:`quantize_layer` once per decoder layer."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]] = NoOptions
@@ -72,6 +62,9 @@ class Quantizer(ABC):
     #: every calibration batch); otherwise the pipeline computes them only for the windows
     #: it measures the layer's error on, which saves a full layer forward per layer.
     needs_fp_outputs: ClassVar[bool] = False
+    #: the scheme preset a run of this method gets when it names none (its best measured
+    #: use: W8A8 for SmoothQuant, W4A4 for FlatQuant); None: the global default, W4A16
+    default_scheme: ClassVar[str | None] = None
 
     def __init__(self, config: BaseModel, scheme: QuantScheme) -> None:
         self.config = config
@@ -106,37 +99,38 @@ class Quantizer(ABC):
     def layer_options(self) -> dict[str, list[str]]:
         """Options naming linears of a decoder layer (``option -> names``), checked against
         the model before work. Default: the config's :data:`LayerNameList` fields."""
-        return layer_name_options(self.config)
+        fields = type(self.config).model_fields.items()
+        return {field: list(getattr(self.config, field)) for field, info in fields
+                if LAYER_NAMES in info.metadata}
 
     def prepare(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         """Called once before the layer loop (e.g. to patch attention for KV quantization)."""
 
     def float_pass_hooks(self, ctx: LayerContext) -> dict[str, Callable[..., None]]:
-        """Hooks ``fn(name, module, x, y)`` by submodule name for the pipeline's pass of the
-        float layer, which then runs over every calibration batch (it also gives the
-        reference outputs): a method that needs statistics of the float layer's
-        activations collects them there instead of running a pass of its own. Default:
-        none, and the pipeline runs the float layer only where it measures the error."""
+        """Hooks ``fn(name, module, x, y)`` by submodule name for the pipeline's float pass, which
+        then runs over every calibration batch (it also gives the reference outputs): where a method
+        collects statistics of the float layer's activations instead of running a pass of its own.
+        Default: none (the float pass covers only the batches the layer's error is measured on)."""
         return {}
 
     @abstractmethod
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Any]:
-        """Quantize ``ctx.layer`` in place and return statistics for the layer report."""
+        """Quantize ``ctx.layer`` in place: leave every quantized linear replaced by a
+        :class:`qcore.quant.linear.QuantLinear` (or fold transforms into the float weights,
+        for a method that only transforms); return statistics for the layer report."""
 
     def finalize(self, model: nn.Module, adapter: ArchitectureAdapter) -> None:
         """Called once after the layer loop."""
 
 
-# ----------------------------------------------------------------------------- solver
 class WeightSolver(ABC):
     """Rounds one weight matrix to a weight scheme: the last step of a method.
 
-    Transforming methods (SmoothQuant, FlatQuant) change a layer's float weights and then
-    hand each linear to the solver named by their ``weight_method`` option, resolved from
-    the run's plugin manager: a third-party solver composes with them by registering
-    through ``qcore_register_solvers``. A solver with ``needs_hessian`` receives the
-    linear's input Hessian ``2/N sum x x^T`` (of the input the quantized linear really
-    multiplies: transformed, clipped and fake-quantized where the method does so)."""
+    Transforming methods (:class:`ComposesSolver`) round with the solver their
+    ``weight_method`` names, so one registered through ``qcore_register_solvers`` composes
+    with them. A solver with ``needs_hessian`` receives the linear's input Hessian
+    ``2/N sum x x^T`` (of the input the quantized linear really multiplies: transformed,
+    clipped and fake-quantized where the method does so)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]] = NoOptions
@@ -182,7 +176,6 @@ class ComposesSolver(Quantizer):
         return self.solver
 
 
-# ----------------------------------------------------------------------------- backend
 class MemoryStats(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rss_mb: float
@@ -194,16 +187,17 @@ class MemoryStats(BaseModel):
 class Backend(ABC):
     """Where a model runs and what the hardware can execute for real.
 
-    The pipeline places each decoder layer on :attr:`device` while it is processed and
-    moves it back to :attr:`offload_device`. Linear algebra that some hardware lacks
-    (Cholesky on Ascend NPU) goes through :meth:`cholesky` and friends, so a backend can
-    route it elsewhere."""
+    The pipeline places each decoder layer on :attr:`device` while it is processed and moves it back
+    to :attr:`offload_device`. Linear algebra that some hardware lacks (Cholesky on Ascend NPU) goes
+    through :meth:`cholesky` and friends, so a backend can route it elsewhere."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: the accelerator one run on this backend occupies, as a cluster scheduler names it
     #: (``GPU``; ``NPU`` as vllm-ascend registers it in Ray); None: the CPU alone
     accelerator: ClassVar[str | None] = None
+    #: packages it imports (import name -> install command), named when it is unavailable
+    requires: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def is_available(cls) -> bool:
@@ -233,8 +227,8 @@ class Backend(ABC):
         layers). A backend without fast half-precision matmuls answers float32."""
         return dtype
 
-    # which schemes run on a real integer kernel, as "scheme key" -> "kernel description"
     def real_kernels(self) -> dict[str, str]:
+        """Which schemes run on a real integer kernel: "scheme key" -> "kernel description"."""
         return {}
 
     def kernel_for(self, module: QuantLinear) -> Kernel | None:
@@ -280,24 +274,28 @@ class Backend(ABC):
         it must not change the contents of memory that is still in use."""
 
 
-# ----------------------------------------------------------------------------- evaluator
 class Evaluator(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]] = NoOptions
     description: ClassVar[str] = ""
     #: the metrics a study's table shows (empty: all); files keep every metric
     summary_metrics: ClassVar[tuple[str, ...]] = ()
+    #: optional packages it imports (import name -> install command), checked before any model loads
+    requires: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: BaseModel) -> None:
         self.config = config
 
+    def missing(self) -> dict[str, str]:
+        """The packages this configured evaluator needs and cannot import (name -> install
+        command); the default checks :attr:`requires`."""
+        return missing_packages(self.requires)
+
     @abstractmethod
-    def evaluate(
-        self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
-    ) -> EvaluationResult: ...
+    def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
+                 ) -> EvaluationResult: ...
 
 
-# ----------------------------------------------------------------------------- dataset
 class DataSpec(BaseModel):
     """Where text comes from. ``part`` splits a text in two at an article/paragraph
     boundary near its middle, so that calibration and evaluation can be disjoint."""
@@ -354,7 +352,6 @@ class EvaluationResources(TextSource):
     def backend(self, name: str) -> Backend: ...
 
 
-# ----------------------------------------------------------------------------- format
 class SavedModel(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     path: Path
@@ -372,8 +369,7 @@ class LayerWriter(ABC):
         """The saved report of decoder layer ``prefix`` when an earlier run wrote it."""
 
     @abstractmethod
-    def restore(self, model: nn.Module, prefix: str, modules: dict[str, type[nn.Module]]
-                ) -> None:
+    def restore(self, model: nn.Module, prefix: str, modules: dict[str, type[nn.Module]]) -> None:
         """Put the saved quantized layer ``prefix`` back into ``model`` (a resumed run
         needs its outputs as the next layer's inputs)."""
 
@@ -382,8 +378,7 @@ class LayerWriter(ABC):
         """Take a finished decoder layer (its tensors named ``prefix`` + local name)."""
 
     @abstractmethod
-    def finish(self, model: nn.Module, tokenizer: Any, metadata: dict[str, Any]
-               ) -> SavedModel:
+    def finish(self, model: nn.Module, tokenizer: Any, metadata: dict[str, Any]) -> SavedModel:
         """Write the rest (tensors outside the written layers, configs, tokenizer,
         metadata) and move the output into place."""
 
@@ -420,9 +415,8 @@ class Format(ABC):
         return None
 
     @abstractmethod
-    def save(
-        self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
-    ) -> SavedModel: ...
+    def save(self, model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]
+             ) -> SavedModel: ...
 
     @abstractmethod
     def load(self, path: Path, modules: dict[str, type[nn.Module]]) -> tuple[nn.Module, Any, dict]:

@@ -1,18 +1,6 @@
-"""Safe outputs: atomic writes, a guard that refuses destructive targets, leftover cleanup.
-
-Guarantees (docs/architecture.md, "What qcore promises"):
-
-* A write is atomic: the output appears in one rename, complete, or not at all.
-* :func:`check_output_dir` runs before any work: it refuses a target that exists and is
-  not empty unless ``overwrite`` is given, and even then replaces only a folder that holds
-  nothing but model files; it never replaces the current directory, a folder holding an
-  input, the home directory or ``/``; it probes that the target can be created and that
-  the disk has room for the expected size.
-* Temporary and old folders that a killed process left next to a target
-  (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) are removed by the next write to that target,
-  or restored when the kill fell between the two renames of a replacement.
-* Outputs get the permissions of the umask, like any file the user creates.
-"""
+"""Safe outputs, as docs/architecture.md promises them ("What qcore promises", **Outputs**):
+atomic writes, a guard that refuses destructive targets before any work
+(:func:`check_output_dir`), cleanup of what a killed write left (:func:`clean_leftovers`)."""
 
 from __future__ import annotations
 
@@ -47,29 +35,19 @@ def _umask() -> int:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        if pid != os.getpid():
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     return True
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 def clean_leftovers(target: str | os.PathLike) -> list[str]:
-    """Remove what a killed write to ``target`` left behind; return what was done.
-
-    A ``.NAME.old-PID`` of a dead process while ``NAME`` is missing is the complete previous
+    """Remove what a killed write to ``target`` left behind; return what was done. A
+    ``.NAME.old-PID`` of a dead process while ``NAME`` is missing is the complete previous
     output (the kill fell between the two renames): it is renamed back instead."""
     target = Path(target).absolute()
     parent = target.parent
@@ -86,7 +64,11 @@ def clean_leftovers(target: str | os.PathLike) -> list[str]:
                          "between its two renames)")
         else:
             size = folder_bytes(entry)
-            _remove(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
             done.append(f"removed {entry} ({size / 2**20:.1f} MB) left by killed process "
                         f"{m['pid']}")
     for line in done:
@@ -128,12 +110,9 @@ def parse_size(size: str | int, option: str = "`max_shard_size`") -> int:
     else:
         m = _SIZE.match(size)
         if not m:
-            raise ConfigError(f"{option} {size!r}: expected a size such as 500MB, 2GB or "
-                              "1GiB")
-        unit = (m[2] or "B").upper()
-        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-        base = 1024 if "I" in unit else 1000
-        value = int(float(m[1]) * base ** power)
+            raise ConfigError(f"{option} {size!r}: expected a size such as 500MB, 2GB or 1GiB")
+        unit = (m[2] or "B").upper()  # B, KB, KIB, ... TIB
+        value = int(float(m[1]) * (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0]))
     if value <= 0:
         raise ConfigError(f"{option} {size!r}: must be positive")
     return value
@@ -141,11 +120,8 @@ def parse_size(size: str | int, option: str = "`max_shard_size`") -> int:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
-
-    On any exception the temporary directory is removed and ``path`` is left untouched.
-    A kill leaves ``.NAME.tmp-PID-*`` (and, between the renames, ``.NAME.old-PID``) that
-    the next write to ``path`` cleans up (:func:`clean_leftovers`)."""
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename,
+    on any exception it is removed and ``path`` is left untouched."""
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
@@ -201,29 +177,13 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, dumps_json(data, indent=2, sort_keys=True) + "\n")
 
 
-# ----------------------------------------------------------------------------- the guard
 def _is_model_file(entry: Path) -> bool:
     return entry.is_file() and (entry.suffix in MODEL_FILE_SUFFIXES
                                 or entry.name in MODEL_FILE_NAMES)
 
 
-def is_model_folder(path: Path) -> bool:
-    """A folder holding only model files (weights, configs, tokenizer) and no subfolder."""
-    entries = list(path.iterdir())
-    has_weights = any(e.suffix in (".safetensors", ".gguf") for e in entries)
-    return has_weights and all(_is_model_file(e) for e in entries
-                               if not _LEFTOVER.match(e.name))
-
-
 def _contains(folder: Path, path: Path) -> bool:
     return path == folder or folder in path.parents
-
-
-def _nearest_existing(path: Path) -> Path:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return probe
 
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
@@ -232,13 +192,11 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
     """Refuse, before any work, an output folder that would destroy something or cannot be
     written. Returns the absolute target. ``inputs`` are files/folders the run reads."""
     target = Path(os.path.expanduser(str(path))).resolve()
-    cwd = Path.cwd().resolve()
-    if _contains(target, cwd):
+    if _contains(target, Path.cwd().resolve()):
         raise OutputError(f"{option} {path}: refusing to replace the current directory "
                           "(or a folder containing it); name a new folder")
-    for special in (Path("/"), Path.home().resolve()):
-        if target == special:
-            raise OutputError(f"{option} {path}: refusing to replace {special}")
+    if target in (Path("/"), Path.home().resolve()):
+        raise OutputError(f"{option} {path}: refusing to replace {target}")
     for item in inputs:
         src = Path(os.path.expanduser(str(item))).resolve()
         if src.exists() and _contains(target, src):
@@ -251,13 +209,17 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False,
             if not overwrite:
                 raise OutputError(f"{option} {path}: folder exists and is not empty; pass "
                                   "`overwrite` to replace a saved model there")
-            if not is_model_folder(target):
-                odd = sorted(e.name for e in target.iterdir() if not _is_model_file(e))
-                raise OutputError(
-                    f"{option} {path}: `overwrite` only replaces a saved model folder; this "
-                    f"one holds other things ({', '.join(odd[:5]) or 'no weights'})")
+            entries = list(target.iterdir())  # a saved model: weights, configs, tokenizer only
+            if not (any(e.suffix in (".safetensors", ".gguf") for e in entries)
+                    and all(_is_model_file(e) for e in entries if not _LEFTOVER.match(e.name))):
+                odd = sorted(e.name for e in entries if not _is_model_file(e))
+                raise OutputError(f"{option} {path}: `overwrite` only replaces a saved model "
+                                  f"folder; this one holds other things "
+                                  f"({', '.join(odd[:5]) or 'no weights'})")
     clean_leftovers(target)
-    base = _nearest_existing(target.parent)
+    base = target.parent  # the nearest existing parent
+    while not base.exists():
+        base = base.parent
     if not base.is_dir():
         raise OutputError(f"{option} {path}: cannot create it, {base} is a file")
     try:

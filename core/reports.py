@@ -17,8 +17,8 @@ class LayerReport(BaseModel):
     relative_mse: float = Field(
         description="||y_q - y_fp||^2 / ||y_fp||^2 over the first error_windows calibration "
                     "windows; NaN (null in JSON) when not measured (error_windows 0)")
-    error_windows: int = Field(default=0, description="calibration windows relative_mse is "
-                                                     "measured on")
+    error_windows: int = Field(default=0,
+                               description="calibration windows relative_mse is measured on")
     seconds: float
     stats: dict[str, Any] = Field(default_factory=dict, description="per-method statistics")
 
@@ -37,6 +37,8 @@ class QuantizationReport(BaseModel):
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     peak_device_mb: float | None = None
+    notices: list[str] = Field(default_factory=list, description="choices the run made for "
+                               "the user, e.g. a preset's group size that did not fit")
 
 
 class EvaluationResult(BaseModel):

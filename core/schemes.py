@@ -1,19 +1,10 @@
-"""Quantization arguments and schemes, with the presets named as in the literature.
-
-Conventions used everywhere in qcore:
-
-* Integer codes are stored unsigned in ``[0, 2**bits - 1]`` and dequantize as
-  ``(q - zero) * scale``.
-* Asymmetric: ``scale = clamp(max - min, 1e-5) / (2**bits - 1)`` and
-  ``zero = clamp(-round(min / scale), 0, 2**bits - 1)`` (llm-awq's quantizer).
-* Symmetric: ``scale = absmax / (2**(bits-1) - 1)`` and ``zero = 2**(bits-1)``, so the
-  codes are the signed range ``[-2**(bits-1), 2**(bits-1) - 1]`` shifted by the zero point
-  (SmoothQuant's absmax/127 for 8 bits, FlatQuant's ``maxq = 2**(bits-1) - 1``).
-"""
+"""Quantization arguments and schemes, with the presets named as in the literature. Codes
+are unsigned ``[0, 2**bits - 1]`` and dequantize as ``(q - zero) * scale``; each convention's
+scale and zero are in docs/architecture.md, "Numerical conventions"."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,38 +21,29 @@ class QuantArgs(BaseModel):
     granularity: Granularity = "channel"
     group_size: int | None = Field(default=None, gt=0)
     dynamic: bool = False
-    clip_ratio: float = Field(
-        default=1.0, gt=0.0, le=1.0, description="fixed shrink of the min/max range"
-    )
+    clip_ratio: float = Field(default=1.0, gt=0.0, le=1.0,
+                              description="fixed shrink of the min/max range")
     observer: Literal["minmax", "mse"] = Field(
         default="minmax", description="how each row's/group's range is chosen "
                                       "(qcore.quant.observers)")
     symmetric_range: Literal["signed", "full"] = Field(
         default="signed", description="symmetric scale: max |x| maps to 2^(b-1) - 1 (signed: "
-                                      "SmoothQuant's, and vLLM's int8 kernels') or to "
-                                      "(2^b - 1) / 2 (full: compressed-tensors' own fake "
-                                      "quantization); codes are clamped to [-2^(b-1), "
-                                      "2^(b-1) - 1] either way")
+        "SmoothQuant's, and vLLM's int8 kernels') or to (2^b - 1) / 2 (full: compressed-tensors' "
+        "own fake quantization); codes are clamped to [-2^(b-1), 2^(b-1) - 1] either way")
 
     @model_validator(mode="after")
     def _check_group(self) -> QuantArgs:
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("granularity 'group' needs group_size (e.g. 64 or 128)")
         if self.granularity != "group" and self.group_size is not None:
-            raise ValueError(
-                f"group_size={self.group_size} is only valid with granularity 'group', "
-                f"not {self.granularity!r}"
-            )
+            raise ValueError(f"group_size={self.group_size} is only valid with granularity "
+                             f"'group', not {self.granularity!r}")
         return self
 
     @property
     def full_range(self) -> bool:
         """Symmetric scales over (2^b - 1) / 2 (``symmetric_range == "full"``)."""
         return self.symmetric_range == "full"
-
-    @property
-    def qmax(self) -> int:
-        return 2**self.bits - 1
 
     def describe(self) -> str:
         kind = "sym" if self.symmetric else "asym"
@@ -87,9 +69,8 @@ class QuantScheme(BaseModel):
             raise ValueError("weights.granularity cannot be 'token'")
         act = self.activations
         if act is not None and act.granularity not in ("token", "tensor"):
-            raise ValueError(
-                f"activations.granularity must be 'token' or 'tensor', not {act.granularity!r}"
-            )
+            raise ValueError(f"activations.granularity must be 'token' or 'tensor', not "
+                             f"{act.granularity!r}")
         if act is not None and act.granularity == "token" and not act.dynamic:
             raise ValueError("per-token activation quantization must be dynamic")
         kv = self.kv_cache
@@ -104,10 +85,7 @@ class QuantScheme(BaseModel):
 
     def with_observer(self, observer: str | None) -> QuantScheme:
         """Override the weights' range observer (None keeps the scheme as it is)."""
-        if observer is None:
-            return self
-        weights = self.weights.model_copy(update={"observer": observer})
-        return self.model_copy(update={"weights": QuantArgs.model_validate(weights.model_dump())})
+        return self if observer is None else self._with_weights(observer=observer)
 
     def with_group_size(self, group_size: int | None) -> QuantScheme:
         """Override the weight group size (None keeps the scheme as it is)."""
@@ -115,10 +93,12 @@ class QuantScheme(BaseModel):
             return self
         if group_size <= 0:
             raise ValueError(f"group_size must be positive, got {group_size}")
-        weights = self.weights.model_copy(
-            update={"granularity": "group", "group_size": group_size}
-        )
-        return self.model_copy(update={"weights": QuantArgs.model_validate(weights.model_dump())})
+        return self._with_weights(granularity="group", group_size=group_size)
+
+    def _with_weights(self, **update: Any) -> QuantScheme:
+        """A copy with these weight arguments changed, validated as a new QuantArgs."""
+        weights = QuantArgs.model_validate({**self.weights.model_dump(), **update})
+        return self.model_copy(update={"weights": weights})
 
 
 def _weights(bits: int, symmetric: bool, group: int | None) -> QuantArgs:
@@ -143,35 +123,21 @@ _C8 = QuantArgs(bits=8, symmetric=True, granularity="channel")
 _C8_TENSOR = QuantArgs(bits=8, symmetric=True, granularity="tensor", symmetric_range="full")
 
 
-PRESETS: dict[str, QuantScheme] = {
-    "W4A16": QuantScheme(name="W4A16", weights=_weights(4, False, 128)),
-    "W3A16": QuantScheme(name="W3A16", weights=_weights(3, False, 128)),
-    "W8A16": QuantScheme(name="W8A16", weights=_weights(8, True, None)),
-    "W8A8": QuantScheme(name="W8A8", weights=_weights(8, True, None), activations=_tokens(8, True)),
-    "W4A4": QuantScheme(
-        name="W4A4", weights=_weights(4, True, None), activations=_tokens(4, False)
-    ),
-    "W8A8KV8": QuantScheme(
-        name="W8A8KV8",
-        weights=_weights(8, True, None),
-        activations=_tokens(8, True),
-        kv_cache=_kv(8),
-    ),
-    "W8A8C8": QuantScheme(
-        name="W8A8C8", weights=_weights(8, True, None), activations=_tokens(8, True),
-        kv_cache=_C8,
-    ),
-    "W8A8C8-TENSOR": QuantScheme(
-        name="W8A8C8-TENSOR", weights=_weights(8, True, None), activations=_tokens(8, True),
-        kv_cache=_C8_TENSOR,
-    ),
-    "W4A4KV4": QuantScheme(
-        name="W4A4KV4",
-        weights=_weights(4, True, None),
-        activations=_tokens(4, False),
-        kv_cache=_kv(4),
-    ),
-}
+PRESETS: dict[str, QuantScheme] = {scheme.name: scheme for scheme in (
+    QuantScheme(name="W4A16", weights=_weights(4, False, 128)),
+    QuantScheme(name="W3A16", weights=_weights(3, False, 128)),
+    QuantScheme(name="W8A16", weights=_weights(8, True, None)),
+    QuantScheme(name="W8A8", weights=_weights(8, True, None), activations=_tokens(8, True)),
+    QuantScheme(name="W4A4", weights=_weights(4, True, None), activations=_tokens(4, False)),
+    QuantScheme(name="W8A8KV8", weights=_weights(8, True, None), activations=_tokens(8, True),
+                kv_cache=_kv(8)),
+    QuantScheme(name="W8A8C8", weights=_weights(8, True, None), activations=_tokens(8, True),
+                kv_cache=_C8),
+    QuantScheme(name="W8A8C8-TENSOR", weights=_weights(8, True, None),
+                activations=_tokens(8, True), kv_cache=_C8_TENSOR),
+    QuantScheme(name="W4A4KV4", weights=_weights(4, True, None), activations=_tokens(4, False),
+                kv_cache=_kv(4)),
+)}
 
 
 def get_scheme(name: str, group_size: int | None = None) -> QuantScheme:
@@ -179,5 +145,4 @@ def get_scheme(name: str, group_size: int | None = None) -> QuantScheme:
     key = name.upper()
     if key not in PRESETS:
         raise ValueError(f"unknown scheme {name!r}; presets: {', '.join(PRESETS)}")
-    scheme = PRESETS[key].with_group_size(group_size)
-    return scheme
+    return PRESETS[key].with_group_size(group_size)

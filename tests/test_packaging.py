@@ -44,6 +44,12 @@ def test_wheel_contains_every_package_and_the_entry_points(wheel_install):
         for module in (ROOT / folder).rglob("*.py"):
             rel = module.relative_to(ROOT / folder).as_posix()
             assert f"{name.replace('.', '/')}/{rel}" in names, f"{folder}/{rel} not in the wheel"
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    plain = [line.split(":", 1)[1].strip() for line in metadata.decode().splitlines()
+             if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    # a plain install plots the study and checks reasoning answers
+    assert any(r.startswith("matplotlib") for r in plain)
+    assert any(r.startswith("math-verify") for r in plain)
     eps = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(eps).decode()
     assert "[qcore]" in text and "rtn = qcore_rtn.plugin" in text

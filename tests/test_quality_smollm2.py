@@ -40,7 +40,8 @@ def test_rtn_w8a16_stays_within_one_percent(smollm2, fp_ppl):
 
 def test_group_128_is_refused_up_front_naming_the_layers(smollm2):
     model, tokenizer = smollm2
-    cfg = RunConfig(model="smollm2", method="rtn", scheme="W4A16", calibration=CALIB)
+    cfg = RunConfig(model="smollm2", method="rtn", scheme="W4A16", group_size=128,
+                    calibration=CALIB)
     with pytest.raises(api.ConfigError) as err:
         api.quantize(cfg, model=model, tokenizer=tokenizer, progress=False)
     msg = str(err.value)
@@ -55,3 +56,27 @@ def test_gguf_loader_matches_the_cached_folder(smollm2_master):
     ids = torch.tensor([tokenizer("The quick brown fox").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(direct(ids).logits, model(ids).logits)
+
+
+#: `qcore quantize --model smollm2 --method M --save out/M [--samples 16]`, then perplexity
+#: on the first 16 windows of 512 tokens of the pydoc tail: docs/results.md ("No options")
+DEFAULTS = {"rtn": ([], "W4A16", 15.8534),
+            "gptq": (["--samples", "16"], "W4A16", 13.5223),
+            "smoothquant": (["--samples", "16"], "W8A8", 12.3213)}
+
+
+@pytest.mark.parametrize("method", list(DEFAULTS))
+def test_a_method_with_no_options_gives_its_documented_perplexity(method, smollm2_master,
+                                                                   tmp_path, monkeypatch):
+    from qcore.cli import main
+
+    extra, scheme, pinned = DEFAULTS[method]
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--model", "smollm2", "--method", method, "--save", method,
+                 "--no-progress", *extra]) == 0
+    model, tokenizer, meta = api.load_model(str(tmp_path / method))
+    assert meta["scheme"]["name"] == scheme and meta["run"]["group_size"] == (
+        64 if scheme == "W4A16" else None)
+    ppl = api.perplexity(model, tokenizer, HELD_OUT, seq_len=512, windows=16)
+    print(f"{method}: {ppl!r}")
+    assert ppl == pytest.approx(pinned, rel=2e-3)

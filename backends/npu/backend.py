@@ -22,6 +22,8 @@ class NPUBackend(Backend):
     name = "npu"
     description = "Ascend NPU via torch_npu (W8A8 dynamic, W8A16, W4A16 kernels)"
     accelerator = "NPU"  # the resource name vllm-ascend registers in Ray
+    requires = {"torch_npu": "pip install torch-npu (with Ascend CANN installed; never into "
+                             "a CPU-only environment)"}
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self._device = torch.device(device) if device is not None else None

@@ -1,15 +1,7 @@
-"""Where the calibration activations live between and during layers: in memory (a list),
-or, when they exceed the activation budget, in a file on disk read back one batch at a time
-through a memory map.
-
-The pipeline holds, per decoder layer, the layer's inputs, the float outputs it needs and
-the quantized outputs (the next layer's inputs): three copies of ``windows x seq_len x
-hidden`` values. For a 32B model at 128 x 2048 that is 5.4 GB per copy in float32, more than
-the layer itself. :class:`DiskActivations` keeps each batch's bytes in a file (written as
-it is produced, in the tensor's own dtype, so results are bit-identical to the in-memory
-path) and maps only the batch being used; its pages leave the resident set when the batch
-tensor is dropped.
-"""
+"""Where the calibration activations live between and during layers (inputs, float and
+quantized outputs: 5.4 GB each in float32 for a 32B model at 128 x 2048): in memory, or past
+the activation budget in a file (:class:`DiskActivations`) written a batch at a time in its
+own dtype (results are bit-identical) and read back a batch at a time through a memory map."""
 
 from __future__ import annotations
 
@@ -18,15 +10,15 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
 
 import numpy as np
 import torch
 
 from qcore.errors import ConfigError
+from qcore.hostmemory import proc_kb
 
 #: share of the memory available when a run starts that activations may use by default
 DEFAULT_BUDGET_FRACTION = 0.5
@@ -52,18 +44,14 @@ class _File:
 
 
 class DiskActivations(Sequence[torch.Tensor]):
-    """Batches of activations appended to one file; ``self[i]`` maps batch ``i`` from disk
-    (to ``device``) and applies the pending casts of :meth:`cast` views. The file is
-    deleted when the last view of it is garbage-collected."""
+    """Batches appended to one file; ``self[i]`` maps batch ``i`` from disk onto ``device``,
+    then applies the casts of :meth:`cast` views. The file goes with the last view of it."""
 
     def __init__(self, directory: Path, device: torch.device) -> None:
         self._file = _File(directory)
+        self.path = self._file.path
         self.device = device
         self._casts: tuple[torch.dtype, ...] = ()
-
-    @property
-    def path(self) -> Path:
-        return self._file.path
 
     def append(self, tensor: torch.Tensor) -> None:
         if self._casts:
@@ -102,20 +90,13 @@ class DiskActivations(Sequence[torch.Tensor]):
             t = t.to(dtype)
         return t
 
-    @overload
-    def __getitem__(self, index: int) -> torch.Tensor: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
-
     def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(index, slice):
             return [self._read(e) for e in self._file.entries[index]]
         return self._read(self._file.entries[index])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for entry in self._file.entries:
-            yield self._read(entry)
+        return (self._read(e) for e in self._file.entries)
 
     def __len__(self) -> int:
         return len(self._file.entries)
@@ -129,10 +110,8 @@ class DiskActivations(Sequence[torch.Tensor]):
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with suppress(OSError):
         path.unlink()
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -167,18 +146,15 @@ class ActivationPlan:
 
 def plan_activations(windows: int, seq_len: int, hidden: int, batch_size: int,
                      dtypes: tuple[torch.dtype, torch.dtype], all_fp_outputs: bool,
-                     budget_bytes: int | None, directory: Path | None = None
-                     ) -> ActivationPlan:
-    """Decide where a run's activations live. ``dtypes``: (storage, work). In memory a
-    layer holds its inputs in the work dtype, the float outputs (every batch when
-    ``all_fp_outputs``) and the quantized outputs in the storage dtype; offloaded, one
-    batch of each. A budget below one batch's needs is refused (it could not run a single
-    layer)."""
+                     budget_bytes: int | None, directory: Path | None = None) -> ActivationPlan:
+    """Where a run's activations live. ``dtypes``: (storage, work). In memory a layer holds
+    its inputs in the work dtype, the float outputs (every batch when ``all_fp_outputs``)
+    and the quantized outputs in the storage dtype; offloaded, one batch of each. A budget
+    below one batch's needs is refused (no layer could run)."""
     storage, work = dtypes
     per_window = seq_len * hidden
     s, w = storage.itemsize, work.itemsize
-    copies = w + (w if all_fp_outputs else 0) + s
-    in_memory = windows * per_window * copies
+    in_memory = windows * per_window * (w + (w if all_fp_outputs else 0) + s)
     batch = min(batch_size, windows) * per_window * (2 * w + s)
     if budget_bytes is None:
         budget_bytes = int(available_memory_bytes() * DEFAULT_BUDGET_FRACTION)
@@ -194,11 +170,10 @@ def plan_activations(windows: int, seq_len: int, hidden: int, batch_size: int,
     if offload:
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
         if free < in_memory:
-            raise ConfigError(
-                f"calibration activations need ~{_size(in_memory)}, more than the "
-                f"`activation_budget` of {_size(budget_bytes)}, and {folder} has "
-                f"only {_size(free)} free to offload them to; set `offload_dir` "
-                "on a larger disk, or fewer `samples`")
+            raise ConfigError(f"calibration activations need ~{_size(in_memory)}, more than the "
+                              f"`activation_budget` of {_size(budget_bytes)}, and {folder} has "
+                              f"only {_size(free)} free to offload them to; set `offload_dir` "
+                              "on a larger disk, or fewer `samples`")
     return ActivationPlan(offload, budget_bytes, in_memory, batch, folder if offload else None)
 
 
@@ -211,12 +186,9 @@ def _size(n: int) -> str:
 
 def available_memory_bytes() -> int:
     """MemAvailable of /proc/meminfo (Linux); elsewhere the physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kb = proc_kb("MemAvailable", "/proc/meminfo")
+    if kb is not None:
+        return int(kb) * 1024
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

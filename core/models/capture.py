@@ -19,44 +19,37 @@ class _StopForward(Exception):
     pass
 
 
+def _move(module: nn.Module, device: torch.device | str) -> None:
+    """The module's own parameters and buffers (not its children's) to ``device``."""
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        setattr(module, name, b.to(device))
+
+
 @contextmanager
 def _non_layer_modules_on(model: nn.Module, adapter: ArchitectureAdapter, device: torch.device
                           ) -> Iterator[None]:
     """Move everything except the decoder layers to ``device`` for the duration."""
-    layers = adapter.decoder_layers()
-    inside = {id(m) for m in layers.modules()}
+    inside = {id(m) for m in adapter.decoder_layers().modules()}
     moved: list[nn.Module] = []
     for module in model.modules():
-        if id(module) in inside:
-            continue
-        if any(p.device != device for p in module.parameters(recurse=False)) or any(
-            b.device != device for b in module.buffers(recurse=False)
-        ):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(device)
-            for name, b in module.named_buffers(recurse=False):
-                setattr(module, name, b.to(device))
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if id(module) not in inside and any(t.device != device for t in own):
+            _move(module, device)
             moved.append(module)
     try:
         yield
     finally:
-        if moved and device.type != "cpu":
+        if device.type != "cpu":
             for module in moved:
-                for p in module.parameters(recurse=False):
-                    p.data = p.data.to("cpu")
-                for name, b in module.named_buffers(recurse=False):
-                    setattr(module, name, b.to("cpu"))
+                _move(module, "cpu")
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(
-    model: nn.Module,
-    adapter: ArchitectureAdapter,
-    input_ids: torch.Tensor,
-    backend: Backend,
-    batch_size: int,
-    into: Batches | None = None,
-) -> tuple[Batches, list[dict[str, Any]]]:
+def capture_first_layer_inputs(model: nn.Module, adapter: ArchitectureAdapter,
+                               input_ids: torch.Tensor, backend: Backend, batch_size: int,
+                               into: Batches | None = None) -> tuple[Batches, list[dict[str, Any]]]:
     """Hidden states and keyword arguments reaching decoder layer 0, one entry per batch;
     the hidden states are appended to ``into`` (a new list by default)."""
     layer0 = adapter.decoder_layers()[0]

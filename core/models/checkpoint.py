@@ -1,10 +1,6 @@
-"""A safetensors checkpoint folder read tensor by tensor.
-
-``model.safetensors``, or shards named in ``model.safetensors.index.json`` (transformers'
-layout, and what vLLM reads). Tensors come back memory-mapped: reading one costs no
-memory until its bytes are touched, and untouched pages cost nothing at all. Pickled
-``.bin`` checkpoints are never read.
-"""
+"""A safetensors checkpoint folder read tensor by tensor, memory-mapped: ``model.safetensors``,
+or shards named in ``model.safetensors.index.json`` (transformers' layout, and what vLLM
+reads); pickled ``.bin`` checkpoints are never read."""
 
 from __future__ import annotations
 
@@ -39,7 +35,11 @@ class SafetensorsFolder:
                 raise error(f"{index}: not a safetensors index ({exc})") from exc
             self.listing = index_file
         elif (self.path / single).is_file():
-            weight_map = {k: single for k in self._keys(self.path / single)}
+            try:
+                with safe_open(str(self.path / single), "pt") as f:
+                    weight_map = dict.fromkeys(f.keys(), single)
+            except (SafetensorError, OSError) as exc:
+                raise error(f"{self.path / single}: unreadable ({exc})") from exc
             self.listing = single
         else:
             raise error(f"{self.path}: no {single} or {index_file} (pickled .bin "
@@ -49,13 +49,6 @@ class SafetensorsFolder:
                 first = next(k for k, v in weight_map.items() if v == shard)
                 raise error(f"{self.path}: shard {shard} (holding {first}) is missing")
         self.weight_map: dict[str, str] = weight_map
-
-    def _keys(self, file: Path) -> list[str]:
-        try:
-            with safe_open(str(file), "pt") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError) as exc:
-            raise self.error(f"{file}: unreadable ({exc})") from exc
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -72,12 +65,17 @@ class SafetensorsFolder:
             raise self.error(f"{self.path / shard}: cannot read {name} ({exc})") from exc
 
 
-def quantization_config(path: str | Path) -> dict[str, Any] | None:
-    """The ``quantization_config`` a model folder's config.json declares (how a
-    quantization tool stored its tensors), or None for a plain folder."""
+def folder_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json; {} when it is missing, unreadable or not a mapping."""
     try:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def quantization_config(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` a model folder's config.json declares (how a
+    quantization tool stored its tensors), or None for a plain folder."""
+    qconfig = folder_config(path).get("quantization_config")
     return qconfig if isinstance(qconfig, dict) else None

@@ -1,7 +1,5 @@
-"""Discovery and isolation: plugins come from the ``qcore`` entry-point group (the
-built-in ones too); one that fails to import, or that pluggy refuses, is recorded and left
-out instead of taking the others down. ``QCORE_BLOCK_PLUGINS=name1,name2`` skips entry
-points by name; an unknown name warns."""
+"""Discovery and isolation: loading the ``qcore`` entry points, recording each plugin that
+fails to import or that pluggy refuses and leaving it out (see :mod:`qcore.plugins`)."""
 
 from __future__ import annotations
 
@@ -25,13 +23,6 @@ def entry_points(group: str) -> list[EntryPoint]:
     return list(metadata.entry_points(group=group))
 
 
-def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None]:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return None, None
-    return dist.metadata["Name"], dist.version
-
-
 class Discovery:
     """Loading plugins into ``self.pm`` (a pluggy manager) and recording what each one is."""
 
@@ -49,7 +40,8 @@ class Discovery:
             log.warning("%s names %r, but no installed plugin has that name (installed: %s)",
                         BLOCK_ENV, name, ", ".join(ep.name for ep in eps))
         for ep in eps:
-            dist_name, version = _dist_of(ep)
+            dist = getattr(ep, "dist", None)
+            dist_name, version = (dist.metadata["Name"], dist.version) if dist else (None, None)
             if ep.name in self.blocked:
                 log.info("plugin %s blocked by %s", ep.name, BLOCK_ENV)
                 self.pm.set_blocked(ep.name)
@@ -58,17 +50,15 @@ class Discovery:
                 self.failures.append(PluginFailure(
                     name=ep.name, distribution=dist_name, stage="import",
                     error=f"entry point name {ep.name!r} is already used by "
-                    f"{self.plugins[ep.name].distribution}",
-                ))
+                          f"{self.plugins[ep.name].distribution}"))
                 continue
             try:
                 module = ep.load()
             except Exception as exc:  # a broken plugin must not take qcore down
                 log.warning("plugin %s (%s) failed to import: %s", ep.name, dist_name, exc)
-                self.failures.append(PluginFailure(
-                    name=ep.name, distribution=dist_name, stage="import",
-                    error=f"{type(exc).__name__}: {exc}",
-                ))
+                self.failures.append(PluginFailure(name=ep.name, distribution=dist_name,
+                                                   stage="import",
+                                                   error=f"{type(exc).__name__}: {exc}"))
                 continue
             self._add_isolated(module, name=ep.name, distribution=dist_name, version=version)
 
@@ -82,9 +72,8 @@ class Discovery:
             self.failures.append(PluginFailure(name=name, distribution=distribution,
                                                stage="validate", error=str(exc)))
 
-    def add_plugin(
-        self, obj: Any, name: str, distribution: str | None = None, version: str | None = None
-    ) -> None:
+    def add_plugin(self, obj: Any, name: str, distribution: str | None = None,
+                   version: str | None = None) -> None:
         """Register a plugin object directly (tests, listeners passed to the API). A hook
         implementation pluggy refuses, or a hook no spec declares, is a PluginError and
         leaves nothing registered."""
@@ -98,11 +87,9 @@ class Discovery:
             self.pm.unregister(obj, name=name)
             raise PluginError(f"plugin {name}: no hook named {', '.join(unknown)} (misspelt? "
                               "the hooks are listed in qcore.hookspecs)")
-        hooks = sorted(caller.name for caller in callers)
-        self.plugins[name] = PluginInfo(
-            name=name, distribution=distribution, version=version,
-            module=getattr(obj, "__name__", type(obj).__name__), hooks=hooks,
-        )
+        self.plugins[name] = PluginInfo(name=name, distribution=distribution, version=version,
+                                        module=getattr(obj, "__name__", type(obj).__name__),
+                                        hooks=sorted(caller.name for caller in callers))
         self._registries = None
 
     def remove_plugin(self, name: str) -> None:

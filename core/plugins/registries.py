@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from qcore.data import DatasetRegistry
 from qcore.errors import ConfigError, validation_summary
+from qcore.interfaces import DataSpec, missing_packages
 from qcore.plugins.records import PluginError, PluginFailure, PluginInfo, Registration, UnknownName
 from qcore.schemes import QuantArgs, QuantScheme
 
@@ -20,33 +22,21 @@ log = logging.getLogger("qcore.plugins")
 if TYPE_CHECKING:
     from qcore.interfaces import Backend, Evaluator, Quantizer, WeightSolver
 
-#: registry kind -> registration hook name
-KINDS: dict[str, str] = {
-    "quantizer": "qcore_register_quantizers",
-    "solver": "qcore_register_solvers",
-    "backend": "qcore_register_backends",
-    "evaluator": "qcore_register_evaluators",
-    "dataset": "qcore_register_datasets",
-    "format": "qcore_register_formats",
-    "architecture": "qcore_register_architectures",
-    "module": "qcore_register_modules",
-}
-
-
-def _contracts() -> dict[str, type]:
-    from qcore.interfaces import Backend, Dataset, Evaluator, Format, Quantizer, WeightSolver
-    from qcore.models.adapter import ArchitectureAdapter
-
-    return {"quantizer": Quantizer, "solver": WeightSolver, "backend": Backend,
-            "evaluator": Evaluator,
-            "dataset": Dataset, "format": Format, "architecture": ArchitectureAdapter}
+#: registry kind -> registration hook name (``qcore_register_quantizers``, ...)
+KINDS: dict[str, str] = {kind: f"qcore_register_{kind}s" for kind in (
+    "quantizer", "solver", "backend", "evaluator", "dataset", "format", "architecture", "module")}
 
 
 def contract_problem(kind: str, obj: Any) -> str | None:
     """Why ``obj`` cannot serve as a ``kind`` registration, or None if it can."""
+    from qcore.interfaces import Backend, Dataset, Evaluator, Format, Quantizer, WeightSolver
+    from qcore.models.adapter import ArchitectureAdapter
+
     if kind == "module":
         return None if inspect.isclass(obj) else f"{obj!r} is not a class"
-    base = _contracts()[kind]
+    base = {"quantizer": Quantizer, "solver": WeightSolver, "backend": Backend,
+            "evaluator": Evaluator, "dataset": Dataset, "format": Format,
+            "architecture": ArchitectureAdapter}[kind]
     if not inspect.isclass(obj) or not issubclass(obj, base):
         return f"{obj!r} is not a subclass of {base.__module__}.{base.__name__}"
     if inspect.isabstract(obj):
@@ -59,8 +49,7 @@ def contract_problem(kind: str, obj: Any) -> str | None:
     return None
 
 
-def validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict
-                     ) -> BaseModel:
+def validate_options(kind: str, name: str, config_cls: type[BaseModel], options: dict) -> BaseModel:
     """``options`` as the plugin's pydantic ``Config``; a ConfigError naming the field."""
     try:
         return config_cls.model_validate(options)
@@ -85,8 +74,7 @@ class Registries:
         self.failures = [f for f in self.failures if f.stage in ("import", "validate")]
         failed = {f.name for f in self.failures}
         for kind, hook_name in KINDS.items():
-            caller = getattr(self.pm.hook, hook_name)
-            impls = list(caller.get_hookimpls())  # registration order
+            impls = list(getattr(self.pm.hook, hook_name).get_hookimpls())  # registration order
             impls.sort(key=lambda impl: not self._is_builtin(impl.plugin_name))  # stable
             for impl in impls:
                 plugin = impl.plugin_name
@@ -109,7 +97,6 @@ class Registries:
                     failed.add(plugin)
                     continue
                 for reg_name, obj in offered:
-                    problem = None
                     if not isinstance(reg_name, str) or not reg_name:
                         problem = f"{kind} {obj!r} has no name"
                     elif (kind, reg_name) in owners:
@@ -124,10 +111,9 @@ class Registries:
                         continue
                     owners[kind, reg_name] = plugin
                     registries[kind][reg_name] = obj
-                    self.registrations.append(Registration(
-                        kind=kind, name=reg_name, plugin=plugin,
-                        description=(getattr(obj, "description", "") or "").strip(),
-                    ))
+                    description = (getattr(obj, "description", "") or "").strip()
+                    self.registrations.append(Registration(kind=kind, name=reg_name, plugin=plugin,
+                                                           description=description))
         return registries
 
     def _call_one(self, hook_name: str, plugin: str, **kwargs: Any) -> Any:
@@ -143,9 +129,8 @@ class Registries:
     def _fail(self, plugin: str, stage: str, error: str) -> None:
         info = self.plugins.get(plugin)
         log.warning("plugin %s: %s", plugin, error)
-        self.failures.append(PluginFailure(
-            name=plugin, distribution=info.distribution if info else None, stage=stage,
-            error=error))
+        self.failures.append(PluginFailure(name=plugin, stage=stage, error=error,
+                                           distribution=info.distribution if info else None))
 
     def registry(self, kind: str) -> dict[str, Any]:
         if kind not in KINDS:
@@ -158,15 +143,11 @@ class Registries:
         reg = self.registry(kind)
         if name not in reg:
             known = ", ".join(sorted(reg)) or "none"
-            hint = ""
-            broken = [f for f in self.failures]
-            if broken:
-                hint = " (plugins that failed to load: " + ", ".join(
-                    f"{f.name}: {f.error}" for f in broken) + ")"
+            broken = ", ".join(f"{f.name}: {f.error}" for f in self.failures)
+            hint = f" (plugins that failed to load: {broken})" if broken else ""
             raise UnknownName(f"no {kind} named {name!r}; available: {known}{hint}")
         return reg[name]
 
-    # ------------------------------------------------------------------ typed builders
     def build_quantizer(self, method: str, scheme: QuantScheme,
                         options: dict[str, Any] | None = None) -> Quantizer:
         """The registered method ``method`` with validated options, bound to this manager
@@ -198,14 +179,29 @@ class Registries:
     def build_backend(self, name: str) -> Backend:
         cls: type[Backend] = self.get("backend", name)
         if not cls.is_available():
-            raise ConfigError(f"backend {name!r} is not available on this machine")
+            missing = missing_packages(cls.requires)
+            raise ConfigError(f"backend {name!r} is not available on this machine"
+                              + "".join(f"; it needs {p}: {how}" for p, how in missing.items()))
         return cls()
 
     def build_evaluator(self, name: str, options: dict[str, Any]) -> Evaluator:
+        """The evaluator with validated options; a missing optional package it needs is
+        named with its install command here, before any model loads."""
         cls: type[Evaluator] = self.get("evaluator", name)
-        return cls(validate_options("evaluator", name, cls.Config, options))
+        evaluator = cls(validate_options("evaluator", name, cls.Config, options))
+        missing = evaluator.missing()
+        if missing:
+            raise ConfigError(f"evaluator {name!r} needs " + "; ".join(
+                f"the {p} package: {how}" for p, how in missing.items()))
+        texts = DatasetRegistry(self.registry("dataset"))
+        for field, value in evaluator.config:  # its text sources: file there, package in
+            if isinstance(value, DataSpec):
+                try:
+                    texts.resolve(value).check(value)
+                except ValueError as exc:
+                    raise ConfigError(f"evaluator {name!r} {field}: {exc}") from exc
+        return evaluator
 
-    # ------------------------------------------------------------------ listing
     def version_of(self, kind: str, name: str) -> str | None:
         """The version of the distribution that registered ``name`` as a ``kind``."""
         self.registry(kind)
@@ -221,21 +217,13 @@ class Registries:
             self.registry(kind)
         rows = []
         for reg in self.registrations:
-            info = self.plugins.get(reg.plugin)
-            rows.append({
-                "kind": reg.kind,
-                "name": reg.name,
-                "plugin": reg.plugin,
-                "version": info.version if info else None,
-                "distribution": info.distribution if info else None,
-                "module": info.module if info else None,
-                "hooks": info.hooks if info else [],
-                "description": reg.description,
-            })
-        return {
-            "registrations": rows,
-            "plugins": [p.model_dump() for p in self.plugins.values()],
-            "failures": [f.model_dump() for f in self.failures],
-            "blocked": sorted(self.blocked),
-            "unknown_blocked": self.unknown_blocked,
-        }
+            info = self.plugins.get(reg.plugin)  # getattr(None, ...) gives None
+            about = {key: getattr(info, key, None) for key in ("version", "distribution", "module")}
+            rows.append({"kind": reg.kind, "name": reg.name, "plugin": reg.plugin, **about,
+                         "hooks": info.hooks if info else [], "description": reg.description,
+                         "default_scheme": getattr(self.registry(reg.kind)[reg.name],
+                                                   "default_scheme", None)})
+        return {"registrations": rows,
+                "plugins": [p.model_dump() for p in self.plugins.values()],
+                "failures": [f.model_dump() for f in self.failures],
+                "blocked": sorted(self.blocked), "unknown_blocked": self.unknown_blocked}

@@ -9,12 +9,11 @@ import torch
 
 
 class HessianAccumulator:
-    """Running mean ``H = 2/N sum x x^T`` over all tokens seen (float32 unless told).
-
-    H is symmetric, so each update computes only the upper part, one block of rows at a
-    time: with ``blocks`` column blocks that is (blocks + 1) / (2 blocks) of the full
-    product (~30% less time at 4 blocks on SmolLM2's 576 and 1536 inputs). Reading
-    :attr:`H` mirrors the upper triangle into the lower one in place."""
+    """Running mean ``H = 2/N sum x x^T`` over all tokens seen (float32 unless told). H is
+    symmetric, so each update computes only the upper part, a block of rows at a time: with
+    ``blocks`` column blocks, (blocks + 1) / (2 blocks) of the full product (~30% less time
+    at 4 blocks on SmolLM2's 576 and 1536 inputs). Reading :attr:`H` mirrors the upper
+    triangle into the lower one in place."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, blocks: int = 4) -> None:

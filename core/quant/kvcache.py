@@ -1,27 +1,20 @@
-"""KV-cache fake quantization inside attention, after RoPE.
+"""KV-cache fake quantization inside attention, after RoPE: the ``qcore_kv`` attention
+implementation qcore registers with transformers runs each attention module's ``qcore_kv``
+submodule (a :class:`KVCacheQuantizer`) on the query, key and value states (keys after RoPE,
+as they are cached), then PyTorch's SDPA. A quantizer enables it with
+:func:`enable_kv_quantization`; the qcore format re-enables it on load.
 
-qcore registers an attention implementation named ``qcore_kv`` with transformers. It runs
-each attention module's ``qcore_kv`` submodule (a :class:`KVCacheQuantizer`) on the
-query, key and value states (keys after RoPE, as they would be cached) and then calls
-PyTorch's scaled-dot-product attention. A quantizer enables it with
-:func:`enable_kv_quantization`; the qcore save format records the specs and re-enables it
-on load.
-
-Dynamic (the study's KV setting, ``W8A8KV8``/``W4A4KV4``): keys and values are quantized
-per token and head, in groups over the head dimension (group size capped at ``head_dim``),
-asymmetric. An optional ``key_transform`` module (e.g. FlatQuant's learned head_dim
-transform) is applied to keys, and its inverse transpose to queries, before quantization,
-leaving q k^T unchanged in exact arithmetic.
-
-Static (what serving engines store, ``W8A8C8``/``W8A8C8-TENSOR``): symmetric scales fixed
-at calibration from the absolute maxima of the post-RoPE keys and values, one per tensor
-or one per KV channel (``(num_kv_heads, head_dim)``: msModelSlim's C8); they are the
-quantizer's ``key_scale``/``value_scale`` buffers, saved with the model. A quantizer
-calibrates them by running the layer inside :func:`kv_calibration`.
-"""
+Dynamic (the study's ``W8A8KV8``/``W4A4KV4``): keys and values are quantized per token and
+head, asymmetric, in groups over the head dimension; an optional ``key_transform`` (e.g.
+FlatQuant's learned head_dim transform) applies to keys, its inverse transpose to queries,
+leaving q k^T unchanged in exact arithmetic. Static (what serving engines store,
+``W8A8C8``/``W8A8C8-TENSOR``): symmetric scales, one per tensor or per KV channel
+(msModelSlim's C8), fixed at calibration (:func:`kv_calibration`) from the absolute maxima
+of the post-RoPE keys and values: the quantizer's ``key_scale``/``value_scale`` buffers."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +29,6 @@ from qcore.quant.qparams import args_qparams, fake_quantize, qparams_lastdim
 from qcore.schemes import QuantArgs
 
 ATTN_IMPLEMENTATION = "qcore_kv"
-_registered = False
 
 
 class KVCacheSpec(BaseModel):
@@ -61,34 +53,13 @@ def fake_quantize_heads(x: torch.Tensor, args: QuantArgs, ste: bool = False) -> 
     if head_dim % group:
         raise ValueError(f"KV group size {group} does not divide head_dim {head_dim}")
     view = x.float().reshape(*x.shape[:-1], head_dim // group, group)
-    scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio,
-                                  args.full_range)
+    scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio, args.full_range)
     return fake_quantize(view, scale, zero, args.bits, ste).reshape(x.shape).to(x.dtype)
 
 
-def static_scale_shape(args: QuantArgs, num_kv_heads: int, head_dim: int) -> list[int]:
-    """The shape of a static KV scale: [1] per tensor, [heads, head_dim] per channel."""
-    if args.granularity == "tensor":
-        return [1]
-    if args.granularity == "channel":
-        return [num_kv_heads, head_dim]
-    raise ValueError(f"static KV-cache quantization is per 'tensor' or 'channel', not "
-                     f"{args.granularity!r}")
-
-
-def fake_quantize_static(x: torch.Tensor, args: QuantArgs, scale: torch.Tensor
-                         ) -> torch.Tensor:
-    """Fake-quantize (batch, heads, tokens, head_dim) with a fixed symmetric scale of shape
-    [1] or [heads, head_dim]."""
-    s = scale.float() if scale.dim() == 1 else scale.float()[:, None, :]
-    zero = torch.full_like(s, float(2 ** (args.bits - 1)))
-    return fake_quantize(x.float(), s, zero, args.bits).to(x.dtype)
-
-
 class KVCacheQuantizer(nn.Module):
-    """Attached to an attention module as ``qcore_kv``. A static spec holds the
-    ``key_scale``/``value_scale`` buffers (NaN until calibrated: using them before then
-    is an error, not a silent float cache)."""
+    """Attached to an attention module as ``qcore_kv``. A static spec holds the ``key_scale``/
+    ``value_scale`` buffers (NaN until calibrated: using them before is an error)."""
 
     def __init__(self, spec: KVCacheSpec, key_transform: nn.Module | None = None) -> None:
         super().__init__()
@@ -103,11 +74,9 @@ class KVCacheQuantizer(nn.Module):
             if spec.scale_shape is None:
                 raise ValueError("a static KV-cache spec needs scale_shape")
             if spec.key_transform is not None:
-                raise ValueError("static KV-cache scales with a key transform are not "
-                                 "supported")
+                raise ValueError("static KV-cache scales with a key transform are not supported")
             for role in ("key", "value"):
-                self.register_buffer(f"{role}_scale", torch.full(spec.scale_shape,
-                                                                 float("nan")))
+                self.register_buffer(f"{role}_scale", torch.full(spec.scale_shape, float("nan")))
 
     def _observe(self, role: str, x: torch.Tensor) -> None:
         a = x.detach().float().abs()
@@ -138,15 +107,16 @@ class KVCacheQuantizer(nn.Module):
         if args.dynamic:
             return fake_quantize_heads(x, args)
         if not self._scales_checked:  # once: the check syncs with the device
-            self._check_calibrated()
-        return fake_quantize_static(x, args, getattr(self, f"{role}_scale"))
-
-    def _check_calibrated(self) -> None:
-        for role in ("key", "value"):
-            if torch.isnan(getattr(self, f"{role}_scale")).any():
-                raise RuntimeError(f"static KV-cache {role} scales were never calibrated "
-                                   "(calibrate inside qcore.quant.kvcache.kv_calibration)")
-        self._scales_checked = True
+            for r in ("key", "value"):
+                if torch.isnan(getattr(self, f"{r}_scale")).any():
+                    raise RuntimeError(f"static KV-cache {r} scales were never calibrated "
+                                       "(calibrate inside qcore.quant.kvcache.kv_calibration)")
+            self._scales_checked = True
+        # a fixed symmetric scale of shape [1] or [heads, head_dim] over (b, heads, t, d)
+        scale = getattr(self, f"{role}_scale").float()
+        s = scale if scale.dim() == 1 else scale[:, None, :]
+        zero = torch.full_like(s, float(2 ** (args.bits - 1)))
+        return fake_quantize(x.float(), s, zero, args.bits).to(x.dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,8 +125,7 @@ class KVCacheQuantizer(nn.Module):
         if self.calibrating:
             self._observe("key", key)
             self._observe("value", value)
-            return query, key, value
-        if not self.enabled:
+        if self.calibrating or not self.enabled:
             return query, key, value
         return (query, self._quantize("key", key, self.spec.keys),
                 self._quantize("value", value, self.spec.values))
@@ -189,9 +158,14 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
 def spec_for(keys: QuantArgs | None, values: QuantArgs | None, num_kv_heads: int,
              head_dim: int) -> KVCacheSpec:
-    """A KVCacheSpec for one attention module (static scales shaped for its KV heads)."""
+    """A KVCacheSpec for one attention module: static scales shaped [1] per tensor,
+    [num_kv_heads, head_dim] per channel."""
     static = next((a for a in (keys, values) if a is not None and not a.dynamic), None)
-    shape = static_scale_shape(static, num_kv_heads, head_dim) if static is not None else None
+    shapes = {"tensor": [1], "channel": [num_kv_heads, head_dim]}
+    if static is not None and static.granularity not in shapes:
+        raise ValueError(f"static KV-cache quantization is per 'tensor' or 'channel', not "
+                         f"{static.granularity!r}")
+    shape = shapes[static.granularity] if static is not None else None
     return KVCacheSpec(keys=keys, values=values, scale_shape=shape)
 
 
@@ -204,9 +178,8 @@ def kv_layout(config: Any) -> tuple[int, int]:
 
 def attach_static_kv(model: nn.Module, args: QuantArgs,
                      scales: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Static KV-cache quantizers with the given (key, value) scales, shaped [1] or
-    [num_kv_heads, head_dim], on the named attention modules (what a reader of a serving
-    format rebuilds)."""
+    """Static KV-cache quantizers with the given (key, value) scales ([1] or [num_kv_heads,
+    head_dim]) on the named attention modules (what a serving format's reader rebuilds)."""
     heads, head_dim = kv_layout(model.config)
     for name, (key, value) in scales.items():
         attn = model.get_submodule(name)
@@ -220,22 +193,18 @@ def attach_static_kv(model: nn.Module, args: QuantArgs,
 
 
 def use_kv_attention(model: nn.Module) -> None:
-    """Route the model's attention through ``qcore_kv`` (modules without a
-    ``qcore_kv`` quantizer run plain SDPA)."""
+    """Route the model's attention through ``qcore_kv`` (plain SDPA without a quantizer)."""
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
+@functools.cache  # once per process
 def register_attention() -> None:
-    global _registered
-    if _registered:
-        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    _registered = True
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -250,8 +219,7 @@ def enable_kv_quantization(model: nn.Module, spec: KVCacheSpec,
     ``qcore_kv`` attention implementation. Returns the number of modules patched."""
     modules = attention_modules(model)
     for name, attn in modules.items():
-        transform = (key_transforms or {}).get(name)
-        attn.qcore_kv = KVCacheQuantizer(spec, key_transform=transform)
+        attn.qcore_kv = KVCacheQuantizer(spec, key_transform=(key_transforms or {}).get(name))
     use_kv_attention(model)
     return len(modules)
 
@@ -259,13 +227,6 @@ def enable_kv_quantization(model: nn.Module, spec: KVCacheSpec,
 def kv_quantizers(model: nn.Module) -> dict[str, KVCacheQuantizer]:
     """Each attention module's KV-cache quantizer, by the attention module's name."""
     return {name: m.qcore_kv for name, m in attention_modules(model).items()
-            if isinstance(getattr(m, "qcore_kv", None), KVCacheQuantizer)}
-
-
-def kv_specs(model: nn.Module) -> dict[str, dict]:
-    """What the save format records: attention module name -> KVCacheSpec."""
-    return {name: m.qcore_kv.spec.model_dump(mode="json")
-            for name, m in attention_modules(model).items()
             if isinstance(getattr(m, "qcore_kv", None), KVCacheQuantizer)}
 
 

@@ -1,20 +1,11 @@
-"""QuantLinear: the quantized representation of a linear layer that every method produces.
-
-It holds integer codes (packed two per byte at 4 bits or less), per-(row, group) scales and
-zero points, the column -> group index ``g_idx`` (so act-order permutations dequantize in
-place), an optional bias, optional activation quantization (per-token dynamic or static
-per-tensor) and an optional online input transform (e.g. FlatQuant's Kronecker transform).
-
-``forward`` runs ``self.kernel`` when a backend installed a real integer kernel, else the
-reference path: exact dequantization followed by a float matmul. The reference path is
-the numerical oracle every backend is tested against.
-
-The reference path dequantizes on every call, so a 4-bit model stays 4-bit in memory
-(a float32 copy of every weight would be 9x the packed size). Inside
-:func:`cached_dequantization` each layer keeps its dequantized weight between calls; the
-pipeline uses it for the layer it is working on, a user can wrap an evaluation in it to
-trade that memory for speed.
-"""
+"""QuantLinear: the quantized linear layer every method produces. It holds integer codes (packed two
+per byte at 4 bits or less), per-(row, group) scales and zero points, the column -> group index
+``g_idx`` (so act-order permutations dequantize in place), an optional bias, optional activation
+quantization (per-token dynamic or static per-tensor) and an optional online input transform (e.g.
+FlatQuant's Kronecker transform). ``forward`` runs ``self.kernel`` when a backend installed a real
+integer kernel, else the reference path (the oracle every backend is tested against): exact
+dequantization on every call (a 4-bit model stays 4-bit in memory; :func:`cached_dequantization`
+keeps each weight between calls), then a float matmul."""
 
 from __future__ import annotations
 
@@ -105,74 +96,49 @@ class QuantLinearSpec(BaseModel):
 
 
 class QuantLinear(nn.Module):
-    def __init__(
-        self,
-        spec: QuantLinearSpec,
-        input_transform: nn.Module | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, spec: QuantLinearSpec, input_transform: nn.Module | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.spec = spec
         self.in_features = spec.in_features
         self.out_features = spec.out_features
-        bits = spec.weights.bits
-        self.register_buffer(
-            "qweight",
-            torch.zeros(spec.out_features, packed_width(spec.in_features, bits), dtype=torch.uint8),
-        )
+        width = packed_width(spec.in_features, spec.weights.bits)
+        self.register_buffer("qweight", torch.zeros(spec.out_features, width, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(spec.out_features, spec.n_groups))
-        self.register_buffer(
-            "zeros", torch.zeros(spec.out_features, spec.n_groups, dtype=torch.uint8)
-        )
+        self.register_buffer("zeros",
+                             torch.zeros(spec.out_features, spec.n_groups, dtype=torch.uint8))
         self.register_buffer("g_idx", torch.zeros(spec.in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype), requires_grad=False) \
             if spec.bias else None
-        act = spec.activations
-        if act is not None and not act.dynamic:
+        if spec.activations is not None and not spec.activations.dynamic:
             self.register_buffer("input_scale", torch.ones(()))
             self.register_buffer("input_zero", torch.zeros(()))
         else:
-            self.input_scale = None
-            self.input_zero = None
+            self.input_scale = self.input_zero = None
         self.input_transform = input_transform
         self.kernel: Kernel | None = None
         self._dequant_cache: torch.Tensor | None = None
-        self._compute_dtype = dtype
 
-    # ----------------------------------------------------------------- construction
     @classmethod
-    def from_float(
-        cls,
-        linear: nn.Linear,
-        weights: QuantArgs,
-        *,
-        scale: torch.Tensor | None = None,
-        zero: torch.Tensor | None = None,
-        g_idx: torch.Tensor | None = None,
-        activations: QuantArgs | None = None,
-        input_transform: nn.Module | None = None,
-        transform_spec: TransformSpec | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> QuantLinear:
-        """Quantize ``linear.weight`` with given (or min/max round-to-nearest) qparams.
-
-        ``scale``/``zero`` are (out, n_groups); ``g_idx`` maps each input column to its
-        group. The weight must already hold the values the method decided on (e.g. GPTQ's
-        updated columns); codes are the nearest ones under the given parameters."""
+    def from_float(cls, linear: nn.Linear, weights: QuantArgs, *, scale: torch.Tensor | None = None,
+                   zero: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+                   activations: QuantArgs | None = None, input_transform: nn.Module | None = None,
+                   dtype: torch.dtype | None = None) -> QuantLinear:
+        """Quantize ``linear.weight`` with given (or min/max round-to-nearest) qparams:
+        ``scale``/``zero`` are (out, n_groups), ``g_idx`` maps each input column to its group. The
+        weight must already hold the values the method decided on (e.g. GPTQ's updated columns);
+        codes are the nearest ones under the given parameters. An ``input_transform`` must implement
+        ``spec() -> TransformSpec`` (saved, to rebuild it on load)."""
         w = linear.weight.detach()
         if scale is None or zero is None:
             scale, zero = weight_qparams(w, weights)
         if g_idx is None:
             g_idx = group_index(w.shape[1], weights)
-        spec = QuantLinearSpec(
-            in_features=linear.in_features,
-            out_features=linear.out_features,
-            bias=linear.bias is not None,
-            n_groups=scale.shape[1],
-            weights=weights,
-            activations=activations,
-            input_transform=transform_spec,
-        )
+        transform_spec = input_transform.spec() if input_transform is not None else None
+        spec = QuantLinearSpec(in_features=linear.in_features, out_features=linear.out_features,
+                               bias=linear.bias is not None, n_groups=scale.shape[1],
+                               weights=weights, activations=activations,
+                               input_transform=transform_spec)
         module = cls(spec, input_transform=input_transform, dtype=dtype or w.dtype)
         codes = quantize_weight(w, scale, zero, g_idx, weights.bits)
         module.qweight = pack_codes(codes, weights.bits).to(w.device)
@@ -184,26 +150,18 @@ class QuantLinear(nn.Module):
         return module
 
     @classmethod
-    def from_solved(
-        cls,
-        linear: nn.Linear,
-        solved: SolvedWeight,
-        weights: QuantArgs,
-        *,
-        activations: QuantArgs | None = None,
-        input_transform: nn.Module | None = None,
-        transform_spec: TransformSpec | None = None,
-    ) -> QuantLinear:
+    def from_solved(cls, linear: nn.Linear, solved: SolvedWeight, weights: QuantArgs, *,
+                    activations: QuantArgs | None = None, input_transform: nn.Module | None = None
+                    ) -> QuantLinear:
         """The QuantLinear of a solver's result: codes nearest to ``solved.weight`` (read in
         float32: a half-precision copy could fall between two codes) under its
         scale/zero/g_idx, with ``linear``'s bias and dtype (its weight is not read)."""
         shell = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
         shell.weight = nn.Parameter(solved.weight.float(), requires_grad=False)
         shell.bias = linear.bias
-        return cls.from_float(shell, weights, scale=solved.scale.float(),
-                              zero=solved.zero.float(), g_idx=solved.g_idx,
-                              activations=activations, input_transform=input_transform,
-                              transform_spec=transform_spec, dtype=linear.weight.dtype)
+        return cls.from_float(shell, weights, scale=solved.scale.float(), zero=solved.zero.float(),
+                              g_idx=solved.g_idx, activations=activations,
+                              input_transform=input_transform, dtype=linear.weight.dtype)
 
     def set_input_range(self, lo: torch.Tensor, hi: torch.Tensor) -> float:
         """Static per-tensor activation parameters from an observed input range ``[lo, hi]``
@@ -216,7 +174,6 @@ class QuantLinear(nn.Module):
         self.input_zero.copy_(zero)
         return float(scale)
 
-    # ----------------------------------------------------------------- numerics
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.qweight, self.spec.weights.bits, self.in_features)
 
@@ -255,11 +212,8 @@ class QuantLinear(nn.Module):
         return F.linear(x, self._reference_weight(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            return self.kernel(self, x)
-        return self.reference_forward(x)
+        return self.reference_forward(x) if self.kernel is None else self.kernel(self, x)
 
-    # ----------------------------------------------------------------- housekeeping
     def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the cache
         self._dequant_cache = None
         return super()._apply(fn, recurse)
@@ -271,10 +225,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         act = self.spec.activations.describe() if self.spec.activations else "none"
         kernel = getattr(self.kernel, "__name__", "reference") if self.kernel else "reference"
-        return (
-            f"in={self.in_features}, out={self.out_features}, "
-            f"weights={self.spec.weights.describe()}, activations={act}, kernel={kernel}"
-        )
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"weights={self.spec.weights.describe()}, activations={act}, kernel={kernel}")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -1,16 +1,9 @@
-"""Range observers: how a quantizer picks each row's (or group's) range before rounding.
-
-``QuantArgs.observer`` selects one per scheme (``--observer``):
-
-* ``minmax``: the row's min and max, times ``clip_ratio`` (the default; every method's
-  published setting except where it searches its own ranges).
-* ``mse``: the reference GPTQ quantizer's clip search, shrink factors ``p = 1 - i/grid``
-  for ``i < max_shrink * grid``, keeping per row the one minimising ``sum |Q(x) - x|^norm``
-  (llm-compressor's ``mse`` observer does the same kind of search).
-
-Every weight path goes through here: RTN and ``QuantLinear.from_float`` (via
-:func:`qcore.quant.qparams.weight_qparams`), GPTQ's per-group parameters, AWQ's searches.
-"""
+"""Range observers, how each weight row's (or group's) range is picked before rounding, as
+``QuantArgs.observer`` (``--observer``) selects: ``minmax``, the min and max times
+``clip_ratio`` (the default, every method's published setting unless it searches its own);
+``mse``, the reference GPTQ quantizer's clip search (:class:`MSEClip`, like llm-compressor's
+``mse`` observer). Every weight path goes through here: RTN and ``QuantLinear.from_float``
+(via :func:`qcore.quant.qparams.weight_qparams`), GPTQ's per-group parameters, AWQ's searches."""
 
 from __future__ import annotations
 
@@ -50,8 +43,7 @@ def find_params(x: torch.Tensor, args: QuantArgs, mse: MSEClip | None = None
     chunk = max(1, min(steps, (1 << 24) // max(x.numel(), 1)))
     for start in range(0, steps, chunk):
         p = 1 - torch.arange(start, min(start + chunk, steps), device=x.device,
-                             dtype=x.dtype) / mse.grid
-        p = p.view(-1, 1, 1)
+                             dtype=x.dtype).view(-1, 1, 1) / mse.grid
         s, z = args_qparams(p * xmin, p * xmax, args)
         err = (fake_quantize(x.unsqueeze(0), s, z, args.bits) - x).abs_().pow_(mse.norm)
         err = err.sum(dim=2, keepdim=True)  # (k, rows, 1)

@@ -1,8 +1,6 @@
-"""Packing of low-bit integer codes: two 4-bit (or smaller) codes per byte.
-
-Layout: along the last dimension, column ``2j`` goes to the low nibble and ``2j+1`` to the
-high nibble of byte ``j``. An odd last dimension is padded with a zero code.
-"""
+"""Packing of low-bit integer codes: two 4-bit (or smaller) codes per byte, along the last
+dimension column ``2j`` in the low nibble and ``2j+1`` in the high nibble of byte ``j`` (an
+odd last dimension is padded with a zero code); and dense bit packing into int32 words."""
 
 from __future__ import annotations
 
@@ -22,26 +20,22 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return q.contiguous()
     if q.shape[-1] % 2:
         q = torch.nn.functional.pad(q, (0, 1))
-    low, high = q[..., 0::2], q[..., 1::2]
-    return (low | (high << 4)).contiguous()
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()  # low nibble: even column
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`; returns uint8 codes with ``columns`` columns."""
     if bits > 4:
         return packed[..., :columns]
-    low = packed & 0x0F
-    high = packed >> 4
-    out = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)
+    out = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
     return out[..., :columns]
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Dense little-endian bit packing of unsigned ``bits``-bit codes into int32 words
-    along ``dim`` of a 2-D tensor: element ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of
-    the row's bit stream, straddling two words where it must; the last word is padded
-    with zeros. (compressed-tensors 0.20's ``pack_to_int32`` layout for its offset codes,
-    which are qcore's unsigned codes.)"""
+    """Dense little-endian bit packing of unsigned ``bits``-bit codes into int32 words along ``dim``
+    of a 2-D tensor: element ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the row's bit stream,
+    straddling two words where it must; the last word is padded with zeros. (compressed-tensors
+    0.20's ``pack_to_int32`` layout for its offset codes, which are qcore's unsigned codes.)"""
     if codes.ndim != 2:
         raise ValueError(f"pack_int32 takes a 2-D tensor, got shape {tuple(codes.shape)}")
     if not 1 <= bits <= 8:

@@ -1,11 +1,8 @@
-"""Quantization parameters and round-to-nearest quantize/dequantize, shared by every method.
-
-All functions work on the last dimension as the reduction axis: callers reshape weights to
-``(rows, groups, group_size)`` or activations to ``(tokens, features)`` first. See
-:mod:`qcore.schemes` for the code conventions. ``ste=True`` rounds with a straight-through
-estimator (gradient 1 through the rounding) for methods that train through quantization
-(FlatQuant); the forward values are the same either way.
-"""
+"""Quantization parameters and round-to-nearest quantize/dequantize, shared by every method. Every
+function reduces over the last dimension (callers reshape weights to ``(rows, groups, group_size)``,
+activations to ``(tokens, features)``; codes as in docs/architecture.md, "Numerical conventions").
+``ste=True`` rounds with a straight-through estimator (gradient 1 through the rounding) for methods
+that train through it (FlatQuant), with the same values."""
 
 from __future__ import annotations
 
@@ -14,10 +11,8 @@ import torch
 from qcore.schemes import QuantArgs
 
 
-def qparams_from_range(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
-    full_range: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool,
+                       full_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float-valued, integral) zero point from a range; shapes are kept.
     Symmetric: max |x| maps to ``2^(b-1) - 1``, or to ``(2^b - 1) / 2`` with
     ``full_range`` (compressed-tensors' convention, ``QuantArgs.symmetric_range``)."""
@@ -35,10 +30,8 @@ def qparams_from_range(
     return scale, zero
 
 
-def qparams_lastdim(
-    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
-    full_range: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams_lastdim(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
+                    full_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max qparams over the last dimension (kept as size 1)."""
     xmin = x.amin(dim=-1, keepdim=True) * clip_ratio
     xmax = x.amax(dim=-1, keepdim=True) * clip_ratio
@@ -48,30 +41,15 @@ def qparams_lastdim(
 def args_qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`qparams_from_range` with the bits and conventions of ``args``."""
-    return qparams_from_range(xmin, xmax, args.bits, args.symmetric,
-                              args.full_range)
+    return qparams_from_range(xmin, xmax, args.bits, args.symmetric, args.full_range)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (as a float tensor) in [0, 2**bits - 1]."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (q - zero) * scale
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward, identity gradient (straight-through estimator)."""
-    return (x.round() - x).detach() + x
-
-
-def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False
-) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                  ste: bool = False) -> torch.Tensor:
     """``(clamp(round(x / scale) + zero, 0, 2^b - 1) - zero) * scale``."""
-    if ste:
-        q = torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
+    if ste:  # round(x / scale) forward, identity gradient (straight-through estimator)
+        y = x / scale
+        q = torch.clamp((y.round() - y).detach() + y + zero, 0, 2**bits - 1)
         return (q - zero) * scale
     q = torch.div(x, scale).round_()  # a fresh tensor: the rest works in place
     return q.add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
@@ -95,18 +73,14 @@ def group_view(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         g = args.group_size
         assert g is not None
         if in_features % g:
-            raise ValueError(
-                f"group_size {g} does not divide the input features ({in_features})"
-            )
+            raise ValueError(f"group_size {g} does not divide the input features ({in_features})")
         return weight.reshape(out_features, in_features // g, g)
     raise ValueError(f"weights cannot use granularity {args.granularity!r}")
 
 
 def weight_qparams(weight: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) scale and zero for a 2-D weight, each shaped (out, n_groups).
-
-    Per-tensor parameters are broadcast to every row so that all granularities share one
-    layout."""
+    """Per-(row, group) scale and zero of a 2-D weight, each (out, n_groups); per-tensor
+    parameters are broadcast to every row (one layout for every granularity)."""
     view = group_view(weight.float(), args)
     if args.observer == "minmax":
         scale, zero = qparams_lastdim(view, args.bits, args.symmetric, args.clip_ratio,
@@ -131,34 +105,24 @@ def group_index(in_features: int, args: QuantArgs) -> torch.Tensor:
     return torch.zeros(in_features, dtype=torch.int32)
 
 
-#: elements of a weight rounded at once (64 MB of float32 per temporary)
-_BLOCK_ELEMENTS = 1 << 24
-
-
-def quantize_weight(
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-) -> torch.Tensor:
-    """uint8 codes of a (out, in) weight given per-group parameters and the column -> group
-    map, computed in float32 a block of rows at a time: the per-column parameters of a
-    whole 18944 x 3584 weight would be two more float32 copies of it (270 MB each)."""
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes in [0, 2**bits - 1] of a (out, in) weight under per-group parameters and
+    the column -> group map, in float32 a block of rows at a time (per-column parameters of
+    a whole 18944 x 3584 weight would be two more float32 copies of it, 270 MB each)."""
     rows, cols = weight.shape
     idx = g_idx.long()
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
-    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    step = max(1, (1 << 24) // max(cols, 1))  # 2**24 elements: 64 MB per float32 temporary
     for r in range(0, rows, step):
         block = slice(r, r + step)
-        codes[block] = quantize(weight[block].float(), scale[block][:, idx],
-                                zero[block][:, idx], bits)
+        x, s, z = weight[block].float(), scale[block][:, idx], zero[block][:, idx]
+        codes[block] = torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1)
     return codes
 
 
-def dequantize_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor
-) -> torch.Tensor:
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      g_idx: torch.Tensor) -> torch.Tensor:
     """``(codes - zero) * scale`` with each column's parameters from its group, in the
     scale's float dtype (at least float32)."""
     rows, cols = codes.shape
@@ -176,8 +140,7 @@ def dequantize_weight(
     return w.sub_(zero.to(dtype).index_select(1, idx)).mul_(scale.to(dtype).index_select(1, idx))
 
 
-def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs, ste: bool = False
-                         ) -> torch.Tensor:
+def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs, ste: bool = False) -> torch.Tensor:
     """Round-to-nearest weight fake quantization (min/max range per row and group), in the
     weight's dtype: the numbers of ``QuantLinear.from_float(...).dequantize()``, computed
     on a reshaped view (searches call this hundreds of times per layer)."""
@@ -195,21 +158,18 @@ def fake_quantize_weight(weight: torch.Tensor, args: QuantArgs, ste: bool = Fals
     return out.reshape(weight.shape).to(weight.dtype)
 
 
-def fake_quantize_activation(
-    x: torch.Tensor, args: QuantArgs, static_scale: torch.Tensor | None = None,
-    static_zero: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, args: QuantArgs,
+                             static_scale: torch.Tensor | None = None,
+                             static_zero: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token dynamic (over the last dim) or per-tensor static activation fake quant."""
     xf = x.float()
     if args.granularity == "token":
         scale, zero = qparams_lastdim(xf, args.bits, args.symmetric, args.clip_ratio,
                                       args.full_range)
+    elif static_scale is not None and static_zero is not None:
+        scale, zero = static_scale, static_zero
+    elif not args.dynamic:
+        raise ValueError("static per-tensor activation quantization needs a scale")
     else:
-        if static_scale is None or static_zero is None:
-            if not args.dynamic:
-                raise ValueError("static per-tensor activation quantization needs a scale")
-            scale, zero = args_qparams(xf.amin() * args.clip_ratio,
-                                       xf.amax() * args.clip_ratio, args)
-        else:
-            scale, zero = static_scale, static_zero
+        scale, zero = args_qparams(xf.amin() * args.clip_ratio, xf.amax() * args.clip_ratio, args)
     return fake_quantize(xf, scale, zero, args.bits).to(x.dtype)

@@ -186,6 +186,7 @@ class _Collector:
 
 class AWQQuantizer(Quantizer):
     name = "awq"
+    default_scheme = "W4A16"
     Config = AWQConfig
     description = "activation-aware weight quantization: per-channel scale and clip search"
     propagation = "full"

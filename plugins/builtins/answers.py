@@ -60,7 +60,7 @@ def _math_verify():
         import math_verify
     except ImportError as exc:  # an optional extra
         raise ImportError("the reasoning evaluator needs math-verify: "
-                          "pip install 'qcore[reasoning]' (or math-verify)") from exc
+                          "pip install math-verify (a dependency of qcore: reinstall it)") from exc
     return math_verify
 
 

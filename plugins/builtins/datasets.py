@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -96,6 +97,11 @@ class HFDataset(Dataset):
     @classmethod
     def matches(cls, source: str) -> bool:
         return source.startswith("hf:")
+
+    def check(self, spec: DataSpec) -> None:
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError(f"{spec.source}: hf: sources need the datasets package: "
+                             "pip install 'qcore[datasets]'")
 
     def load_text(self, spec: DataSpec) -> str:
         try:

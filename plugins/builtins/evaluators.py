@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import Progress
 from torch import nn
 
+from qcore.console import Steps
 from qcore.data import tokenize
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, EvaluationResources, Evaluator
@@ -31,7 +31,8 @@ class PerplexityConfig(BaseModel):
     batch_size: int = Field(default=4, gt=0)
     logit_chunk: int = Field(default=256, gt=0, description="positions whose logits are "
                                                             "computed at once")
-    progress: bool = False
+    progress: bool | None = Field(default=None, description="a live bar with the time left "
+                                  "(None: on a terminal only; True: a line per batch elsewhere)")
 
 
 def window_plan(n_tokens: int, seq_len: int, stride: int, windows: int | None
@@ -83,8 +84,7 @@ class Perplexity(Evaluator):
         model.eval()
         model = texts.place(model, backend)  # over several devices when it has them
         nll, scored = 0.0, 0
-        with Progress(disable=not cfg.progress, transient=True) as bar:
-            task = bar.add_task("perplexity", total=len(plan))
+        with Steps("perplexity windows", len(plan), cfg.progress) as steps:
             for b in range(0, len(plan), cfg.batch_size):
                 chunk = plan[b: b + cfg.batch_size]
                 batch = torch.stack([ids[s:e] for s, e, _ in chunk]).to(backend.device)
@@ -93,7 +93,7 @@ class Perplexity(Evaluator):
                     nll += chunked_nll(model.get_output_embeddings(), hidden[row, -n - 1: -1],
                                        batch[row, -n:], cfg.logit_chunk)
                     scored += n
-                bar.update(task, advance=len(chunk))
+                steps.advance(len(chunk), info=f"perplexity {math.exp(nll / scored):.3f} so far")
         return EvaluationResult(
             evaluator=self.name,
             metrics={"perplexity": math.exp(nll / scored), "nll": nll / scored,

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from qcore.quant.linear import cached_dequantization
 
@@ -61,14 +63,44 @@ def _seed(seed: int, first: int) -> int:
     return (seed * 1_000_003 + first) % (2**63 - 1)
 
 
+class _Pace(LogitsProcessor):
+    """Reports the decoding speed (tokens/s over the batch's rows) once, after ``steps``
+    decoding steps; passes the scores through untouched."""
+
+    def __init__(self, rows: int, report: Callable[[float], None], steps: int = 4) -> None:
+        self.rows, self.report, self.steps = rows, report, steps
+        self.calls, self.started = 0, 0.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:  # the prompt's logits: decoding starts now
+            self.started = time.perf_counter()
+        elif self.calls == self.steps + 1 and self.report is not None:
+            self.report(self.rows * self.steps / (time.perf_counter() - self.started))
+            self.report = None
+        return scores
+
+
+@dataclass
+class Watch:
+    """What a caller of :func:`generate` hears while it runs."""
+
+    #: after each batch: (index of its first prompt, its generations)
+    batch: Callable[[int, list[Generation]], None] | None = None
+    #: once, a few decoding steps into the first batch: tokens per second over the batch
+    #: (for an estimate of the whole run before its first batch ends)
+    speed: Callable[[float], None] | None = None
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: list[str], cfg: SamplingConfig,
-             seed: int, device: torch.device | str = "cpu", on_batch: Any = None,
-             keys: list[int] | None = None) -> tuple[list[Generation], dict[str, float]]:
-    """Generate for every prompt; ``on_batch(start, generations)`` after each batch.
-    A batch samples from a generator seeded by ``seed`` and the key of its first prompt
-    (``keys``, default the position), so a run resumed at a batch boundary with the same
-    keys reproduces the uninterrupted one. Returns the generations and throughput."""
+             seed: int, device: torch.device | str = "cpu", keys: list[int] | None = None,
+             watch: Watch | None = None) -> tuple[list[Generation], dict[str, float]]:
+    """Generate for every prompt, telling ``watch`` after each batch and once the first
+    batch's pace is known. A batch samples from a generator seeded by ``seed`` and the key
+    of its first prompt (``keys``, default the position), so a run resumed at a batch
+    boundary with the same keys reproduces the uninterrupted one. Returns the generations
+    and throughput."""
     eos = tokenizer.eos_token_id
     borrowed = tokenizer.pad_token is None  # pad with eos (masked out) for this call only
     if borrowed:
@@ -98,13 +130,16 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], cfg: Sampling
                                   top_k=cfg.top_k or 0)
                 if cfg.stop:
                     kwargs.update(stop_strings=cfg.stop, tokenizer=tokenizer)
+                if watch is not None and watch.speed is not None and start == 0:
+                    kwargs["logits_processor"] = LogitsProcessorList([_Pace(len(batch),
+                                                                            watch.speed)])
                 seqs = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
                 gens = [_finish(row[ids.shape[1]:].tolist(), tokenizer, pad, eos, cfg)
                         for row in seqs]
                 generated += sum(len(g.tokens) for g in gens)
                 out.extend(gens)
-                if on_batch is not None:
-                    on_batch(start, gens)
+                if watch is not None and watch.batch is not None:
+                    watch.batch(start, gens)
         finally:
             tokenizer.padding_side = side
             if borrowed:

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from qcore.console import Steps
 from qcore.data import WindowSpec, token_windows, tokenize
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, EvaluationResources, Evaluator
@@ -43,12 +44,14 @@ class LayerErrorConfig(BaseModel):
     batch_size: int = Field(default=2, gt=0)
     plot: str | None = Field(default=None, description="PNG path, which must not exist "
                              "(default: layer-error-<time>.png here); 'none' for no plot")
-    progress: bool = False
+    progress: bool | None = Field(default=None, description="a live bar with the time left "
+                                  "(None: on a terminal only; True: a line per layer elsewhere)")
 
 
 @torch.no_grad()
 def layer_errors(model: nn.Module, reference: nn.Module, ids: torch.Tensor, backend: Backend,
-                 batch_size: int, adapters: tuple[Any, Any]) -> list[dict[str, float]]:
+                 batch_size: int, adapters: tuple[Any, Any], progress: bool | None = None
+                 ) -> list[dict[str, float]]:
     """Per layer: relative error of the quantized layer alone and accumulated."""
     q_adapter, fp_adapter = adapters
     # each model's own layer keyword arguments (its attention implementation's masks)
@@ -59,14 +62,16 @@ def layer_errors(model: nn.Module, reference: nn.Module, ids: torch.Tensor, back
     if len(q_layers) != len(fp_layers):
         raise ValueError(f"the model has {len(q_layers)} decoder layers, the reference "
                          f"{len(fp_layers)}: not the same architecture")
-    for i, (q_layer, fp_layer) in enumerate(zip(q_layers, fp_layers, strict=True)):
-        fp_y = [_out(fp_layer(x, **kw)) for x, kw in zip(fp_x, fp_kw, strict=True)]
-        alone = [_out(q_layer(x, **kw)) for x, kw in zip(fp_x, q_kw, strict=True)]
-        acc = [_out(q_layer(x, **kw)) for x, kw in zip(q_x, q_kw, strict=True)]
-        rows.append({"layer": i, "name": q_adapter.layer_prefix(i),
-                     "alone": relative_mse(fp_y, alone),
-                     "accumulated": relative_mse(fp_y, acc)})
-        fp_x, q_x = fp_y, acc
+    with Steps(f"layer error on {backend.name}", len(q_layers), progress) as steps:
+        for i, (q_layer, fp_layer) in enumerate(zip(q_layers, fp_layers, strict=True)):
+            fp_y = [_out(fp_layer(x, **kw)) for x, kw in zip(fp_x, fp_kw, strict=True)]
+            alone = [_out(q_layer(x, **kw)) for x, kw in zip(fp_x, q_kw, strict=True)]
+            acc = [_out(q_layer(x, **kw)) for x, kw in zip(q_x, q_kw, strict=True)]
+            rows.append({"layer": i, "name": q_adapter.layer_prefix(i),
+                         "alone": relative_mse(fp_y, alone),
+                         "accumulated": relative_mse(fp_y, acc)})
+            fp_x, q_x = fp_y, acc
+            steps.advance(info=f"{rows[-1]['name']}: alone {rows[-1]['alone']:.2e}")
     return rows
 
 
@@ -133,12 +138,12 @@ class LayerError(Evaluator):
         adapters = (texts.adapter_for(model), texts.adapter_for(reference))
         model.eval()
         curves = {backend.name: layer_errors(model, reference, ids, backend, cfg.batch_size,
-                                             adapters)}
+                                             adapters, cfg.progress)}
         if backend.name != "cpu":
             cpu = texts.backend("cpu")
             cpu.install_kernels(model)
             curves["cpu"] = layer_errors(model.to(cpu.device), reference, ids, cpu,
-                                         cfg.batch_size, adapters)
+                                         cfg.batch_size, adapters, cfg.progress)
         rows = curves[backend.name]
         worst = max(rows, key=lambda r: r["alone"])
         alone = sorted(r["alone"] for r in rows)

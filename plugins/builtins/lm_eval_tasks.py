@@ -61,6 +61,7 @@ class LMEval(Evaluator):
     name = "lm-eval"
     Config = LMEvalConfig
     description = "lm-evaluation-harness tasks on the in-memory model (optional extra)"
+    requires = {"lm_eval": "pip install 'qcore[lm-eval]'"}
 
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:

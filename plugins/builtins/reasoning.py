@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, StrictInt, field_validator
-from rich.progress import Progress
 from torch import nn
 
+from qcore.console import Steps, duration
 from qcore.data import read_utf8
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import Backend, DataSpec, Evaluator, TextSource
 from qcore.reports import EvaluationResult
 from qcore_builtins.answers import ends_in_loop, equivalent, extract_answer
-from qcore_builtins.generation import SamplingConfig, format_prompt, generate
+from qcore_builtins.generation import SamplingConfig, Watch, format_prompt, generate
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class ReasoningConfig(SamplingConfig):
     records: str | None = Field(default=None, description="per-item JSONL records "
                                 "(default: reasoning-records-<time>.jsonl here)")
     resume: bool = Field(default=False, description="skip the items the records file has")
-    progress: bool = False
+    progress: bool | None = Field(default=None, description="a live bar with the time left "
+                                  "(None: on a terminal only; True: one line per batch "
+                                  "elsewhere)")
 
     @field_validator("seeds")
     @classmethod
@@ -171,6 +173,7 @@ class Reasoning(Evaluator):
     description = "pass@1 over seeds on math problems + collapse metrics (loops, no answer)"
     summary_metrics = ("pass@1", "repetition_rate", "truncated_rate", "no_answer_rate",
                        "mean_output_tokens")
+    requires = {"math_verify": "pip install math-verify"}
 
     def evaluate(self, model: nn.Module, tokenizer: Any, backend: Backend, texts: TextSource
                  ) -> EvaluationResult:
@@ -192,10 +195,16 @@ class Reasoning(Evaluator):
         records = [r for r in done if r["seed"] in seeds and r["index"] < len(items)]
         stats = {"generated_tokens": 0.0, "generation_seconds": 0.0}
         path.parent.mkdir(parents=True, exist_ok=True)
+        todo_count = len(items) * len(seeds) - len(records)
         with path.open("a", encoding="utf-8") as sink, \
-                Progress(disable=not cfg.progress) as bar:
-            task = bar.add_task("reasoning items", total=len(items) * len(seeds))
-            bar.update(task, advance=len(records))
+                Steps("reasoning generations", len(items) * len(seeds), cfg.progress) as steps:
+            steps.skip(len(records))
+
+            def estimate(tokens_per_second: float) -> None:
+                steps.say(f"{todo_count} generations x up to {cfg.max_new_tokens} tokens: "
+                          f"up to ~{duration(todo_count * cfg.max_new_tokens / tokens_per_second)}"
+                          f" at {tokens_per_second:.0f} tokens/s (the first batch's pace)")
+
             for seed in seeds:
                 todo = [it for it in items if (seed, it["index"]) not in have]
                 if not todo:
@@ -203,23 +212,16 @@ class Reasoning(Evaluator):
 
                 def write(start: int, gens: list, seed: int = seed, todo: list = todo) -> None:
                     for it, gen in zip(todo[start:start + len(gens)], gens, strict=True):
-                        answer = extract_answer(gen.text)
-                        record = {
-                            "seed": seed, "index": it["index"], "id": it["id"],
-                            "prompt": prompts[it["index"]], "output": gen.text,
-                            "extracted": answer, "gold": it["gold"],
-                            "correct": equivalent(it["gold"], answer),
-                            "output_tokens": len(gen.tokens),
-                            "finish_reason": gen.finish_reason,
-                            "loop": ends_in_loop(gen.tokens)}
+                        record = _record(it, gen, seed, prompts[it["index"]])
                         sink.write(json.dumps(record) + "\n")
                         records.append(record)
                     sink.flush()
-                    bar.update(task, advance=len(gens))
+                    steps.advance(len(gens), info=f"seed {seed}")
 
+                first = stats["generated_tokens"] == 0
                 _, run = generate(model, tokenizer, [prompts[it["index"]] for it in todo],
-                                  cfg, seed, backend.device, on_batch=write,
-                                  keys=[it["index"] for it in todo])
+                                  cfg, seed, backend.device, keys=[it["index"] for it in todo],
+                                  watch=Watch(batch=write, speed=estimate if first else None))
                 stats["generated_tokens"] += run["generated_tokens"]
                 stats["generation_seconds"] += run["generation_seconds"]
         metrics = summarize(records, seeds, greedy=cfg.temperature == 0)
@@ -229,6 +231,15 @@ class Reasoning(Evaluator):
         return EvaluationResult(evaluator=self.name, metrics=metrics,
                                 details={"records": str(path), "seeds": seeds,
                                          "resumed_records": len(done)})
+
+
+def _record(item: dict[str, Any], gen: Any, seed: int, prompt: str) -> dict[str, Any]:
+    """One generation as its line of the records file."""
+    answer = extract_answer(gen.text)
+    return {"seed": seed, "index": item["index"], "id": item["id"], "prompt": prompt,
+            "output": gen.text, "extracted": answer, "gold": item["gold"],
+            "correct": equivalent(item["gold"], answer), "output_tokens": len(gen.tokens),
+            "finish_reason": gen.finish_reason, "loop": ends_in_loop(gen.tokens)}
 
 
 @hookimpl

@@ -1,6 +1,6 @@
-"""The ``qcore evaluate``, ``qcore export`` and ``qcore demo`` commands: clients of the
-public API, added to the command line through ``qcore_register_commands`` like any
-plugin's commands."""
+"""The built-in commands, added through ``qcore_register_commands`` like any plugin's:
+quantize, list-plugins and schemes (:mod:`qcore_commands.core_commands`), evaluate,
+export and demo (here); clients of the public API."""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ from typing import Any
 from rich.table import Table
 
 from qcore import api
-from qcore.cliargs import add_data_flags
 from qcore.config import CalibrationConfig, RunConfig, parse_assignments
 from qcore.console import add_command, fmt, out, print_json
 from qcore.hookspecs import hookimpl
 from qcore.interfaces import DataSpec
 from qcore.plugins import get_plugin_manager
+from qcore_commands.core_commands import add_core_commands
+from qcore_commands.flags import add_data_flags
 
 
 # ----------------------------------------------------------------------------- evaluate
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def evaluation_options(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The evaluator's options from ``--set`` and the common flags, validated (before any
+    model loads), and the model to compare with (``--reference``, for an evaluator that
+    does not take the reference itself)."""
     options: dict[str, Any] = parse_assignments(args.set or [])
     # the common flags fill the evaluator's config fields of the same name, whatever the
     # evaluator (--set wins); an evaluator without such a field never sees the flag
@@ -38,7 +42,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if key in fields and value is not None:
             options.setdefault(key, value)
-    api.build_evaluator(args.evaluator, options)  # validate before loading the model
+    api.build_evaluator(args.evaluator, options)
+    return options, compare
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    options, compare = evaluation_options(args)
     result, meta, seconds = _evaluate_one(args.model, args, options)
     payload = {"model": args.model, "evaluator": result.evaluator, **result.metrics,
                "seconds": round(seconds, 2),
@@ -102,7 +111,7 @@ def _evaluate_one(source: str, args: argparse.Namespace, options: dict[str, Any]
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
     saved = api.export_model(args.model, args.format, args.out, overwrite=args.overwrite,
-                             max_shard_size=args.max_shard_size)
+                             max_shard_size=args.max_shard_size, progress=not args.json)
     summary = saved.metadata.get("export", {})
     if args.json:
         print_json({"out": str(saved.path), **summary})
@@ -225,5 +234,5 @@ def _add_demo(sub: Any) -> None:
 
 @hookimpl
 def qcore_register_commands(subparsers: Any) -> None:
-    for add in (_add_evaluate, _add_export, _add_demo):
+    for add in (add_core_commands, _add_evaluate, _add_export, _add_demo):
         add(subparsers)

@@ -42,6 +42,7 @@ from qcore_flatquant.variant import variant_for
 
 class FlatQuantQuantizer(ComposesSolver):
     name = "flatquant"
+    default_scheme = "W4A4"
     Config = FlatQuantConfig
     description = "learned Kronecker affine transforms + learned clipping, per layer (W4A4/W8A8)"
     propagation = "full"
@@ -126,7 +127,7 @@ class FlatQuantQuantizer(ComposesSolver):
             for name, tr in transforms.items():
                 ctx.replace(name, QuantLinear.from_float(
                     folded[name], self.scheme.weights, activations=acts[name],
-                    input_transform=tr, transform_spec=tr.spec()))
+                    input_transform=tr))
         stats: dict[str, Any] = {}
         attn = ctx.submodule(roles.attention)
         kv = self.scheme.kv_cache
@@ -134,9 +135,8 @@ class FlatQuantQuantizer(ComposesSolver):
             spec = KVCacheSpec(keys=kv, values=kv,
                                key_transform=key.spec() if key is not None else None)
             attn.qcore_kv = KVCacheQuantizer(spec, key_transform=key)
-        specs = {name: (tr, tr.spec()) for name, tr in transforms.items()}
         stats.update(ctx.solve_linears(self.weight_solver(), folded, self.scheme.weights,
-                                       activations=acts, transforms=specs))
+                                       activations=acts, transforms=transforms))
         return stats
 
     def _activations(self, owner: LayerTransforms) -> dict[str, QuantArgs | None]:

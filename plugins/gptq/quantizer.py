@@ -274,6 +274,7 @@ class _Passes:
 
 class GPTQQuantizer(Quantizer):
     name = "gptq"
+    default_scheme = "W4A16"
     Config = GPTQConfig
     description = "GPTQ: Hessian-based error-feedback weight quantization (Frantar et al.)"
     propagation = "quantized"

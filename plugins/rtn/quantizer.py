@@ -44,6 +44,7 @@ def quantize_linears(ctx: LayerContext, names: list[str]) -> dict[str, Any]:
 
 class RTNQuantizer(Quantizer):
     name = "rtn"
+    default_scheme = "W4A16"
     Config = RTNConfig
     description = "round-to-nearest with min/max ranges (baseline)"
 

@@ -177,6 +177,7 @@ def calibrate_static_inputs(ctx: LayerContext, names: list[str]) -> dict[str, fl
 
 class SmoothQuantQuantizer(ComposesSolver):
     name = "smoothquant"
+    default_scheme = "W8A8"
     Config = SmoothQuantConfig
     description = "SmoothQuant: per-channel smoothing folded into norms, then W8A8 (+KV8)"
     #: statistics of the float model, as the reference collects them: one float pass per

@@ -4,42 +4,22 @@ folder and print its table, failures and findings (or all of it as JSON)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from qcore.console import add_command, console, out, print_json, print_uncut
 from qcore.errors import ConfigError
-from qcore.io import dumps_json
 
 HELP = ("run a models x methods x schemes grid as cached, resumable cells; write the table, "
         "plots and findings")
 
-console = Console(stderr=True)  # progress lines
-out = Console()  # the results
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` for options with a real default, nothing for unset ones (as
-    the core's commands do)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default:" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``qcore study``'s arguments, on argparse's ``subparsers``."""
-    p = subparsers.add_parser("study", help=HELP, description=HELP,
-                              formatter_class=_HelpFormatter)
+    p = add_command(subparsers, "study", HELP)
     p.add_argument("grid", nargs="?", metavar="GRID.yaml",
                    help="the grid (YAML/JSON; see examples/study-r1-distill.yaml); default: "
                         "the built-in SmolLM2-135M grid")
     p.add_argument("--quick", action="store_true",
-                   help="a reduced built-in grid (4 cells, tiny calibration): a smoke run")
+                   help="a reduced built-in grid (5 cells, tiny calibration): a smoke run")
     p.add_argument("--out", default="qcore-study", metavar="DIR",
                    help="the study folder: cache, tables, plots; rerunning into it redoes "
                         "only the unfinished cells")
@@ -70,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     result = run_study(grid, args.out, executor=args.executor, ray_address=args.ray_address,
                        ray_cpus=args.ray_cpus, report=report)
     if args.json:
-        print(dumps_json({"out": str(result.root), "cells": result.cells,
-                          "reused": result.reused, "ran": result.ran, "failed": result.failed,
-                          "seconds": round(result.seconds, 1), "files": result.files,
-                          "findings": [f.model_dump() for f in result.findings],
-                          "rows": [{k: v for k, v in r.items() if k != "layers"}
-                                   for r in result.rows]}, indent=2))
+        print_json({"out": str(result.root), "cells": result.cells, "reused": result.reused,
+                    "ran": result.ran, "failed": result.failed,
+                    "seconds": round(result.seconds, 1), "files": result.files,
+                    "findings": [f.model_dump() for f in result.findings],
+                    "rows": [{k: v for k, v in r.items() if k != "layers"}
+                             for r in result.rows]})
         return 0
     _print_results(grid.title, result)
     return 0
@@ -86,7 +66,7 @@ def _print_results(title: str, result: Any) -> None:
     from qcore_study.table import fmt, summary
 
     header, body = summary(result.rows, result.columns)
-    _print_uncut(title, header, [[fmt(v) for v in row] for row in body],
+    print_uncut(title, header, [[fmt(v) for v in row] for row in body],
                  left=("model", "method", "scheme", "backend", "status"))
     for r in result.rows:
         for stage, error in r["errors"].items():
@@ -100,18 +80,3 @@ def _print_results(title: str, result: Any) -> None:
               f"{result.files['markdown']}, findings {result.files['findings']}, "
               f"{len(result.files['plots'])} plots in {result.root / 'plots'}",
               markup=False, soft_wrap=True)
-
-
-def _print_uncut(title: str, header: Sequence[str], cells: list[list[str]],
-                 left: Sequence[str]) -> None:
-    """A rich table whose cells are never cut or wrapped: on a narrow terminal its lines
-    run longer instead. Columns named in ``left`` align left, the others right."""
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(header)]
-    table = Table(title=title)
-    for col, width in zip(header, widths, strict=True):
-        table.add_column(col, no_wrap=True, min_width=width,
-                         justify="left" if col in left else "right")
-    for row in cells:
-        table.add_row(*row)
-    wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))
-    wide.print(table, crop=False)

@@ -36,7 +36,8 @@ def write_plots(rows: list[dict[str, Any]], root: Path) -> tuple[list[str], str 
     try:
         plt = _pyplot()
     except ImportError:
-        return [], "plots skipped: matplotlib is not installed (pip install 'qcore[plots]')"
+        return [], ("plots skipped: matplotlib is not installed (pip install matplotlib, a "
+                    "dependency of qcore)")
     out = root / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -3,17 +3,19 @@ plots and findings from everything the cache holds."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qcore.console import duration
 from qcore.errors import ConfigError
 from qcore.io import atomic_write_json, atomic_write_text
 from qcore.plugins import PluginManager, get_plugin_manager
 from qcore.versions import package_versions
-from qcore_study.cache import StudyLock
+from qcore_study.cache import CellFolder, StudyLock
 from qcore_study.cells import CellOutcome, CellPlan, missing_stages, plan_cell
 from qcore_study.executors import make_executor
 from qcore_study.findings import Finding, findings, findings_markdown
@@ -45,6 +47,21 @@ def check_study_dir(root: Path) -> None:
                           "study.lock); choose an empty or new folder")
 
 
+def cached_pace(plans: list[CellPlan], root: Path) -> float | None:
+    """Mean seconds of the cached cells (quantization plus evaluations), from their
+    records: what the cells still to run are estimated at before one of them finishes."""
+    totals = []
+    for plan in plans:
+        seconds = 0.0
+        for record in CellFolder(root, plan.key).path.glob("*.json"):
+            try:
+                seconds += float(json.loads(record.read_text(encoding="utf-8"))["seconds"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        totals.append(seconds)
+    return sum(totals) / len(totals) if totals and sum(totals) > 0 else None
+
+
 def run_study(grid: StudyGrid, out: str | Path, *, executor: str = "sequential",
               ray_address: str | None = None, ray_cpus: int | None = None,
               plugins: PluginManager | None = None,
@@ -62,20 +79,25 @@ def run_study(grid: StudyGrid, out: str | Path, *, executor: str = "sequential",
         plans = [plan_cell(c, grid.keep_models, plugins) for c in cells]
         todo = [p for p in plans if missing_stages(p, root)]
         reused = len(plans) - len(todo)
+        pace = cached_pace([p for p in plans if p not in todo], root)
         report(f"{len(plans)} cells: {reused} cached, {len(todo)} to run "
-               f"({runner.name} executor); study folder {root}")
+               f"({runner.name} executor); study folder {root}"
+               + (f"; ~{duration(pace * len(todo))} at the cached cells' pace"
+                  if pace and todo else ""))
         failed: list[str] = []
-        done = [0]
+        spent: list[float] = []
 
         def on_start(plan: CellPlan) -> None:
-            report(f"[{done[0] + 1}/{len(todo)}] {plan.cell.label}: running "
+            report(f"[{len(spent) + 1}/{len(todo)}] {plan.cell.label}: running "
                    f"{', '.join(missing_stages(plan, root))}")
 
         def on_done(plan: CellPlan, outcome: CellOutcome) -> None:
-            done[0] += 1
+            spent.append(outcome.seconds)
             state = (f"failed: {', '.join(outcome.failed)}" if outcome.failed else "done")
-            report(f"[{done[0]}/{len(todo)}] {plan.cell.label}: {state} "
-                   f"({outcome.seconds:.1f} s)")
+            left = len(todo) - len(spent)
+            eta = f"; ~{duration(sum(spent) / len(spent) * left)} left" if left else ""
+            report(f"[{len(spent)}/{len(todo)}] {plan.cell.label}: {state} "
+                   f"({outcome.seconds:.1f} s){eta}")
             if outcome.failed:
                 failed.append(plan.cell.label)
 

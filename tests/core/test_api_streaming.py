@@ -119,9 +119,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_model(deep_folder, caplog):
 
 
 def test_resume_needs_a_layer_by_layer_save(deep_folder):
-    with pytest.raises(ConfigError, match="--resume continues a layer-by-layer save"):
+    with pytest.raises(ConfigError, match="`resume` continues a layer-by-layer save"):
         api.quantize(_config(deep_folder, save=None, resume=True), progress=False)
-    with pytest.raises(ConfigError, match="--resume continues a layer-by-layer save"):
+    with pytest.raises(ConfigError, match="`resume` continues a layer-by-layer save"):
         api.quantize(_config(deep_folder, stream=False, resume=True), progress=False)
 
 

@@ -155,11 +155,33 @@ def test_misspelt_layer_name_in_skip_is_refused(tiny_folder, capsys):
                 "smoothquant option skip: 'q_prj'")
 
 
-def test_default_group_size_that_cannot_work_is_explained(tiny_folder, capsys):
-    args = rtn_args(tiny_folder)
+def test_a_preset_group_size_that_does_not_fit_falls_back_with_a_notice(tiny_folder, capsys,
+                                                                        caplog):
+    args = rtn_args(tiny_folder, "--save", str(tiny_folder / "q"))
     i = args.index("--group-size")
     del args[i:i + 2]
-    _fails_with(args, capsys, "--group-size 128 does not divide", "pass --group-size 64")
+    assert main(args) == 0
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(notices) == 1, notices
+    assert "W4A16 preset's group size 128 does not divide the input features of" in notices[0]
+    assert "using 64, the largest power of two" in notices[0]
+    saved = json.loads((tiny_folder / "q" / "qcore.json").read_text())
+    assert saved["run"]["group_size"] == 64 and saved["scheme"]["weights"]["group_size"] == 64
+    assert "using 64" in saved["report"]["notices"][0]
+    # the same size given by hand is refused, naming the layers
+    _fails_with(rtn_args(tiny_folder, "--group-size", "128"), capsys,
+                "--group-size 128 does not divide the input features of", "(64)",
+                "pass --group-size 64")
+
+
+def test_each_method_runs_its_own_default_scheme(tiny_folder, capsys):
+    for method, scheme in (("smoothquant", "W8A8"), ("flatquant", "W4A4"), ("gptq", "W4A16")):
+        args = ["quantize", "--model", str(tiny_folder / "tiny"), "--method", method,
+                "--calib", str(tiny_folder / "calib.txt"), "--samples", "2", "--seq-len", "16",
+                "--no-progress", "--json", *(["--set", "epochs=0"] if method == "flatquant"
+                                            else [])]
+        assert main(args) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["scheme"] == scheme, method
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):
@@ -178,7 +200,9 @@ def test_every_option_has_help_and_shows_its_default(capsys):
             command.parse_args(["--help"])
         text = " ".join(capsys.readouterr().out.split())
         if name == "quantize":
-            for shown in ("(default: rtn)", "(default: W4A16)", "(default: 128)",
+            for shown in ("(default: rtn)", "smoothquant W8A8", "flatquant W4A4",
+                          "rtn W4A16", "an hour or more", "model and data:", "method:",
+                          "output:", "advanced:", "(default: 128)",
                           "(default: 512)", "(default: 4)", "(default: cpu)", "(default: qcore)",
                           "--overwrite"):
                 assert shown in text, shown
@@ -253,3 +277,27 @@ def test_export_to_the_qcore_format_keeps_every_tensor_and_names_the_source(tiny
     assert second["tensors"] == first["tensors"]
     assert main(["evaluate", "--model", str(again), "--data", str(tiny_folder / "calib.txt"),
                  "--seq-len", "16", "--windows", "2", "--json"]) == 0
+
+
+@pytest.mark.parametrize("package, argv, fragment", [
+    ("lm_eval", ["--evaluator", "lm-eval", "--set", "tasks=[arc_easy]"],
+     "evaluator 'lm-eval' needs the lm_eval package: pip install 'qcore[lm-eval]'"),
+    ("datasets", ["--data", "hf:wikitext:wikitext-2-raw-v1:test"],
+     "hf: sources need the datasets package: pip install 'qcore[datasets]'"),
+])
+def test_a_missing_optional_package_is_named_before_any_model_loads(tiny_folder, capsys,
+                                                                     no_model_load,
+                                                                     monkeypatch, package,
+                                                                     argv, fragment):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else real(name, *a))
+    _fails_with(["evaluate", "--model", str(tiny_folder / "tiny"), *argv], capsys, fragment)
+
+
+def test_an_unavailable_backend_names_what_it_needs(tiny_folder, capsys, no_model_load):
+    _fails_with(rtn_args(tiny_folder, "--backend", "npu"), capsys,
+                "backend 'npu' is not available on this machine; it needs torch_npu: "
+                "pip install torch-npu")

@@ -99,7 +99,7 @@ def test_group_size_that_does_not_divide_is_reported_with_layer_names(tiny_llama
     with pytest.raises(ValueError) as err:
         check_group_size(tiny_llama, adapter, get_scheme("W4A16"))  # 128 vs 64/128 inputs
     msg = str(err.value)
-    assert "group_size 128" in msg and "self_attn.q_proj (64)" in msg and "mlp.down_proj" \
+    assert "`group_size` 128" in msg and "self_attn.q_proj (64)" in msg and "mlp.down_proj" \
         not in msg
     check_group_size(tiny_llama, adapter, get_scheme("W4A16", group_size=32))
 

@@ -150,7 +150,7 @@ def test_third_party_registering_a_builtin_name_is_left_out(monkeypatch, capsys)
     assert pm.registry("quantizer")["rtn"].__module__ == "qcore_rtn.quantizer"
     failure = next(f for f in pm.failures if f.name == "aaa-hijack")
     assert "already registered by plugin 'rtn'" in failure.error
-    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    monkeypatch.setattr("qcore_commands.core_commands.get_plugin_manager", lambda: pm)
     assert main(["list-plugins"]) == 0
     out = capsys.readouterr().out
     assert "aaa-hijack" in out and "left out" in out and "qcore_rtn.plugin" in out
@@ -206,7 +206,7 @@ def test_registration_breaking_its_contract_is_left_out_with_the_reason(capsys, 
     errors = {f.error for f in pm.failures if f.name == "bad"}
     assert any("not a subclass of qcore.interfaces.Quantizer" in e for e in errors)
     assert any("does not implement quantize_layer" in e for e in errors)
-    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    monkeypatch.setattr("qcore_commands.core_commands.get_plugin_manager", lambda: pm)
     assert main(["list-plugins", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {f["stage"] for f in data["failures"]} == {"contract"}
@@ -217,7 +217,7 @@ def test_unknown_blocked_name_warns(monkeypatch, caplog, capsys):
     pm = PluginManager()
     assert pm.unknown_blocked == ["no-such-plugin"]
     assert "no-such-plugin" in caplog.text
-    monkeypatch.setattr("qcore.cli.get_plugin_manager", lambda: pm)
+    monkeypatch.setattr("qcore_commands.core_commands.get_plugin_manager", lambda: pm)
     assert main(["list-plugins"]) == 0
     assert "'no-such-plugin', which is not an installed plugin" in capsys.readouterr().out
 
@@ -225,7 +225,9 @@ def test_unknown_blocked_name_warns(monkeypatch, caplog, capsys):
 def test_list_plugins_keeps_names_whole_on_a_narrow_terminal(monkeypatch, capsys):
     from rich.console import Console
 
-    monkeypatch.setattr("qcore.cli.out", Console(width=60, force_terminal=False))
+    narrow = Console(width=60, force_terminal=False)
+    monkeypatch.setattr("qcore.console.out", narrow)
+    monkeypatch.setattr("qcore_commands.core_commands.out", narrow)
     assert main(["list-plugins"]) == 0
     table = capsys.readouterr().out
     for name in ("smoothquant", "qcore-format", "architecture", "perplexity"):

@@ -89,9 +89,9 @@ def test_scoring_on_scripted_outputs(tiny_llama, tiny_tokenizer, problems, tmp_p
                 Generation("I am not sure", [1] * 3, "stop"),                # no answer
                 Generation("loop " * 40, [7, 8] * 20, "length")]             # loop, cut
 
-    def fake_generate(model, tokenizer, prompts, cfg, seed, device, on_batch=None, keys=None):
+    def fake_generate(model, tokenizer, prompts, cfg, seed, device, keys=None, watch=None):
         gens = scripted[:len(prompts)]
-        on_batch(0, gens)
+        watch.batch(0, gens)
         return gens, {"generated_tokens": 50.0, "generation_seconds": 1.0}
 
     monkeypatch.setattr(reasoning, "generate", fake_generate)
@@ -112,19 +112,19 @@ _CHILD = textwrap.dedent("""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
     from qcore import api
-    from qcore_builtins import reasoning
+    from qcore_builtins import generation, reasoning
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(open(sys.argv[2]).read()),
                                   eos_token="</s>")
     real = reasoning.generate
 
-    def slow(*args, on_batch=None, **kwargs):
+    def slow(*args, watch=None, **kwargs):
         def hook(start, gens):
-            on_batch(start, gens)
+            watch.batch(start, gens)
             if start >= 1:
                 print("two batches written", flush=True)
                 time.sleep(600)
-        return real(*args, on_batch=hook, **kwargs)
+        return real(*args, watch=generation.Watch(hook, watch.speed), **kwargs)
 
     reasoning.generate = slow
     api.evaluate(make_tiny_model("llama"), tok, "reasoning", json.loads(sys.argv[3]))
@@ -286,3 +286,79 @@ def test_items_from_a_hugging_face_dataset(monkeypatch):
     assert [(it["question"], it["gold"]) for it in items] == [("1+1?", "2"), ("2+2?", "4")]
     with pytest.raises(ValueError, match=r"hf:x:test\[0\]: no field 'question'"):
         load_items(DataSpec(source="hf:x:test"), "question", "solution", None)
+
+
+def _in_a_terminal(argv: list[str], timeout: float = 240) -> str:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal; everything it printed."""
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(leader)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")[-2000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_terminal_sees_the_estimate_then_a_live_bar_with_the_time_left(tiny_folder, problems,
+                                                                        tmp_path):
+    out = _in_a_terminal([sys.executable, "-m", "qcore.cli", "evaluate", "--model",
+                          str(tiny_folder / "tiny"), "--evaluator", "reasoning",
+                          "--data", str(problems), "--set", "limit=4", "--set", "seeds=[1]",
+                          "--set", "max_new_tokens=8", "--set", "batch_size=2",
+                          "--set", f"records={tmp_path / 'r.jsonl'}"])
+    estimate = out.index("4 generations x up to 8 tokens: up to ~")
+    assert "tokens/s (the first batch's pace)" in out
+    bar = out.index("reasoning generations")
+    assert "eta" in out[bar:] and "2/4" in out[bar:] and "4/4" in out[bar:]
+    assert estimate < out.index("2/4")  # said before the first batch of two ended
+
+
+def test_progress_lines_off_a_terminal_and_the_estimate_before_the_first_batch(
+        tiny_llama, tiny_tokenizer, problems, tmp_path, plugins, capfd):
+    from qcore_builtins import generation
+
+    events = []
+    real = generation.generate
+
+    def spy(*args, watch=None, **kwargs):
+        def batch(start, gens):
+            events.append(("batch", start))
+            watch.batch(start, gens)
+
+        def speed(tps):
+            events.append(("speed", tps))
+            watch.speed(tps)
+
+        return real(*args, watch=generation.Watch(batch, speed if watch.speed else None),
+                    **kwargs)
+
+    import qcore_builtins.reasoning as reasoning
+    original = reasoning.generate
+    reasoning.generate = spy
+    try:
+        _evaluate(tiny_llama, tiny_tokenizer,
+                  _options(problems, tmp_path, seeds=[1], progress=True), plugins)
+    finally:
+        reasoning.generate = original
+    assert events[0][0] == "speed" and events[0][1] > 0 and events[1] == ("batch", 0)
+    err = capfd.readouterr().err
+    assert "3 generations x up to 6 tokens" in err
+    assert "[2/3] seed 1 (~" in err and "left)" in err and "[3/3] seed 1" in err

@@ -15,9 +15,9 @@ def _run(folder, scheme, monkeypatch, forced=None, options=None):
     seen = []
     real = api.run_layerwise
 
-    def spy(model, quantizer, adapter, backend, calib_ids, **kwargs):
+    def spy(model, quantizer, adapter, backend, calib_ids, *args, **kwargs):
         seen.append(calib_ids.shape[0])
-        return real(model, quantizer, adapter, backend, calib_ids, **kwargs)
+        return real(model, quantizer, adapter, backend, calib_ids, *args, **kwargs)
 
     monkeypatch.setattr(api, "run_layerwise", spy)
     if forced is not None:

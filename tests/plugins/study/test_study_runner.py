@@ -87,6 +87,10 @@ def test_rerun_after_a_kill_runs_only_the_unfinished_cells(make_grid, tmp_path, 
     result = run_study(grid, out, report=lines.append)
     assert result.reused == 2 and result.ran == 2
     assert lines[0].startswith("4 cells: 2 cached, 2 to run")
+    assert lines[0].endswith("at the cached cells' pace")  # an estimate from their records
+    first_done = next(x for x in lines if x.startswith("[1/2]") and "done" in x)
+    assert "left" in first_done and not [x for x in lines if x.startswith("[2/2]")
+                                          and "left" in x]
     after = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
     assert len(first) >= 5 and all(after[p] == stamp for p, stamp in first.items())
     assert all(r["status"] == "ok" for r in result.rows)

@@ -1,15 +1,11 @@
 """Command-line flags generated from a pydantic config's field metadata (``flag(...)`` in
 :mod:`qcore.config`): a new :class:`~qcore.config.RunConfig` field is one edit, and its
-flag, type, choices, help and shown default follow from it.
-
-Library errors name config fields in backticks (```group_size```); :func:`flagify` turns
-those into the flags a command-line user types (``--group-size``).
-"""
+flag, type, choices, help and shown default follow from it. The parser records each
+field's flag, so that the CLI names flags where the library names fields."""
 
 from __future__ import annotations
 
 import argparse
-import re
 import types
 from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from qcore.config import ADVANCED, DATA, METHOD, OUTPUT
+from qcore.console import flagify
 from qcore.interfaces import DataSpec
 
 GROUPS = (DATA, METHOD, OUTPUT, ADVANCED)
@@ -44,11 +41,6 @@ def flag_name(path: tuple[str, ...], cli: dict[str, Any]) -> str:
 def field_flags(model: type[BaseModel]) -> dict[str, str]:
     """Field name -> its flag, for :func:`flagify`."""
     return {path[-1]: flag_name(path, cli) for path, _, cli in config_fields(model)}
-
-
-def flagify(text: str, flags: dict[str, str]) -> str:
-    """```field``` references in a message as the flags that set them."""
-    return re.sub(r"`(\w+)`", lambda m: flags.get(m[1], m[0]), text)
 
 
 def _value_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
@@ -83,14 +75,14 @@ def add_data_flags(p: argparse._ActionsContainer, prefix: str, default_part: str
                    help="dataset plugin that reads the source (default: detected from it: "
                         ".txt/.md text, .jsonl, pydoc, hf:NAME:SPLIT)")
     p.add_argument(f"--{prefix}-field", default=None, metavar="FIELD", dest=f"{dest}_field",
-                   help="text field of JSONL/HF records (default: 'text', or question + "
-                        "answer)")
+                   help="text field of JSONL/HF records (default: 'text', or question + answer)")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
-                     flags: dict[str, str]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """One flag per field of ``model`` with cli metadata, in argument groups; every flag
     defaults to unset, so that values from ``--config`` stand unless a flag is given."""
+    flags = field_flags(model)
+    parser.set_defaults(field_flags=flags)  # for qcore.cli's error messages
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for path, info, cli in config_fields(model):
         group = groups[cli["group"]]
