@@ -34,13 +34,15 @@ def print_json(data: Any) -> None:
     print(dumps_json(data, indent=2))
 
 
-def print_uncut(title: str, header: Sequence[str], cells: list[list[str]]) -> None:
+def print_uncut(title: str, header: Sequence[str], cells: list[list[str]],
+                left: Sequence[str] | None = None) -> None:
     """A rich table whose cells are never cut or wrapped: on a narrow terminal its lines
-    run longer instead."""
+    run longer instead. Columns named in ``left`` (all when None) align left."""
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(header)]
     table = Table(title=title)
     for col, width in zip(header, widths, strict=True):
-        table.add_column(col, no_wrap=True, min_width=width)
+        table.add_column(col, no_wrap=True, min_width=width,
+                         justify="left" if left is None or col in left else "right")
     for row in cells:
         table.add_row(*row)
     wide = Console(file=out.file, width=max(out.width, sum(widths) + 3 * len(widths) + 1))

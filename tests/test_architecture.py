@@ -54,3 +54,34 @@ def test_a_plugin_reaching_past_the_contracts_breaks_a_named_contract(tmp_path, 
     assert result.returncode != 0
     assert f"{contract} BROKEN" in result.stdout
     assert "qcore_rtn.planted" in result.stdout
+
+
+def _functions(folders: list[str]):
+    import ast
+
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield path.relative_to(ROOT), node
+
+
+def test_no_function_a_reader_has_to_scroll():
+    """At most 80 lines and 8 parameters (self/cls not counted) in the core and plugins."""
+    too_long = []
+    for path, fn in _functions(["core", "plugins", "backends"]):
+        a = fn.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+        if a.args and a.args[0].arg in ("self", "cls"):
+            params = params[1:]
+        lines = fn.end_lineno - fn.lineno + 1
+        if lines > 80 or len(params) > 8:
+            too_long.append(f"{path}:{fn.lineno} {fn.name}: {lines} lines, {len(params)} "
+                            "parameters")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_the_core_stays_small_enough_to_read_in_an_afternoon():
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines())
+                for p in (ROOT / "core").rglob("*.py"))
+    assert lines <= 5000, f"core/ holds {lines} lines of Python"

@@ -327,8 +327,8 @@ def test_a_terminal_sees_the_estimate_then_a_live_bar_with_the_time_left(tiny_fo
     estimate = out.index("4 generations x up to 8 tokens: up to ~")
     assert "tokens/s (the first batch's pace)" in out
     bar = out.index("reasoning generations")
-    assert "eta" in out[bar:] and "2/4" in out[bar:] and "4/4" in out[bar:]
-    assert estimate < out.index("2/4")  # said before the first batch of two ended
+    assert "eta" in out[bar:] and "4/4" in out[bar:]  # the bar redraws at its own pace
+    assert estimate < out.index("4/4")  # (the events test pins "before the first batch")
 
 
 def test_progress_lines_off_a_terminal_and_the_estimate_before_the_first_batch(
