@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.config import DEFAULT_SCHEME, RunConfig
+from qcore.config import RunConfig
 from qcore.console import Steps
 from qcore.data import DatasetRegistry, WindowSpec, token_windows, tokenize
 from qcore.engine.activations import DEFAULT_BUDGET_FRACTION, available_memory_bytes
@@ -234,8 +234,7 @@ def quantize(config: RunConfig, *, plugins: PluginManager | None = None,
     ``listeners`` are objects with ``@hookimpl`` event methods (custom evaluator hooks)."""
     plugins = plugins or get_plugin_manager()
     if config.scheme is None:  # the method's own default
-        default = plugins.get("quantizer", config.method).default_scheme
-        config = config.model_copy(update={"scheme": default or DEFAULT_SCHEME})
+        config = config.model_copy(update={"scheme": plugins.default_scheme(config.method)})
     try:
         scheme = config.resolved_scheme()
     except ValueError as exc:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from qcore.cli import build_parser, main
-from qcore.config import DEFAULT_SCHEME
 from qcore.plugins import get_plugin_manager
 from qcore_commands.core_commands import _run_config
 
@@ -49,8 +48,7 @@ def test_the_docs_hold_the_commands_a_user_types():
 def _validate_quantize(args) -> None:
     plugins = get_plugin_manager()
     config = _run_config(args)
-    scheme = config.scheme or plugins.get("quantizer", config.method).default_scheme \
-        or DEFAULT_SCHEME
+    scheme = config.scheme or plugins.default_scheme(config.method)
     config = config.model_copy(update={"scheme": scheme})
     plugins.build_quantizer(config.method, config.resolved_scheme(), config.method_config)
     plugins.get("format", config.format)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from qcore.config import DEFAULT_SCHEME
 from qcore.data import DatasetRegistry
 from qcore.errors import ConfigError, validation_summary
 from qcore.interfaces import DataSpec, missing_packages
@@ -160,6 +161,10 @@ class Registries:
         except ValueError as exc:
             raise ConfigError(f"{method}: {exc}") from exc
         return quantizer
+
+    def default_scheme(self, method: str) -> str:
+        """The scheme preset a run of ``method`` gets when it names none."""
+        return self.get("quantizer", method).default_scheme or DEFAULT_SCHEME
 
     def build_solver(self, name: str, options: dict[str, Any], weights: QuantArgs,
                      owner: str = "weight_method") -> WeightSolver:

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from qcore import api
 from qcore.config import (
-    DEFAULT_SCHEME,
     CalibrationConfig,
     RunConfig,
     parse_assignments,
@@ -115,12 +114,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _method_defaults_in_help(p: argparse.ArgumentParser) -> None:
     """--scheme's help names each registered method's default scheme; --method's says
     which methods take long at their full defaults."""
-    quantizers = get_plugin_manager().registry("quantizer")
+    plugins = get_plugin_manager()
     for action in p._actions:
         if action.dest == "cfg.scheme":
             action.help = action.help.replace("(default: the method's)", "(default: the "
                                               "method's: " + ", ".join(
-                f"{n} {c.default_scheme or DEFAULT_SCHEME}" for n, c in quantizers.items())
+                f"{n} {plugins.default_scheme(n)}" for n in plugins.registry("quantizer"))
                 + ")")
         elif action.dest == "cfg.method":
             action.help = action.help.replace(" (default:", (
